@@ -1,0 +1,222 @@
+"""Opening, validating and reading a teacher cache (no Ray, no teacher model)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import torch
+
+from teacher_cache import storage
+from teacher_cache.format import (
+    EMBED_FILE,
+    FORMAT_NAME,
+    HEAD_FILE,
+    MANIFEST,
+    SCHEMA_VERSION,
+    CachedRow,
+    decode_row,
+)
+
+
+class CacheError(ValueError):
+    """The cache is missing, incomplete, corrupt, or not the one the caller expects."""
+
+
+@dataclass
+class CacheExpectation:
+    """What the caller requires of a cache; ``None`` fields are not checked.
+
+    Attributes:
+        teacher_name: the teacher path/id the cache must come from (``manifest.teacher.name``).
+        teacher_weights: the teacher weights fingerprint (``manifest.teacher.weights_fingerprint``).
+        tokenizer_sha256: the teacher tokenizer fingerprint (``manifest.tokenizer.sha256``).
+        hidden_size: teacher hidden width.
+        schema_version: defaults to the version this code reads.
+    """
+
+    teacher_name: str | None = None
+    teacher_weights: str | None = None
+    tokenizer_sha256: str | None = None
+    hidden_size: int | None = None
+    schema_version: int = SCHEMA_VERSION
+
+
+def _check(manifest: dict, expect: CacheExpectation, uri: str) -> None:
+    found_version = manifest.get("schema_version")
+    if manifest.get("format") != FORMAT_NAME:
+        raise CacheError(f"{uri}: manifest format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+    if found_version != expect.schema_version:
+        raise CacheError(
+            f"{uri}: cache schema version {found_version} but this code reads version {expect.schema_version}; "
+            "rebuild the cache with this version of teacher_cache.job or use a matching release"
+        )
+    checks = [
+        ("teacher", manifest["teacher"].get("name"), expect.teacher_name, "teacher.path"),
+        (
+            "teacher weights",
+            manifest["teacher"].get("weights_fingerprint"),
+            expect.teacher_weights,
+            "teacher",
+        ),
+        (
+            "teacher tokenizer",
+            manifest["tokenizer"].get("sha256"),
+            expect.tokenizer_sha256,
+            "teacher tokenizer",
+        ),
+        ("teacher hidden size", manifest["teacher"].get("hidden_size"), expect.hidden_size, "teacher"),
+    ]
+    for what, found, expected, knob in checks:
+        if expected is not None and found != expected:
+            raise CacheError(
+                f"{uri}: cache was built for {what} {found!r}, but the config expects {expected!r}. "
+                f"Point the run at a cache built from the same {knob}, or rebuild the cache with "
+                "`python -m teacher_cache.job`."
+            )
+
+
+class TeacherCache:
+    """A validated, opened cache: manifest facts, shard access, head and embeddings.
+
+    Shards are memory-mapped when the cache is local and read through the filesystem otherwise.
+    """
+
+    def __init__(self, uri: str, manifest: dict):
+        self.uri = uri
+        self.manifest = manifest
+        self.fs, self.root, self.local = storage.resolve(uri)
+        self.hidden_dtype: str = manifest["settings"]["hidden_dtype"]
+        self.top_k: int = manifest["settings"]["top_k"]
+        self.hidden_size: int = manifest["teacher"]["hidden_size"]
+        self.shards: list[dict] = manifest["shards"]
+
+    # ----------------------------------------------------------------- facts
+    @property
+    def num_rows(self) -> int:
+        return int(self.manifest["stats"]["rows"])
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.manifest["tokenizer"]["eos_id"])
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    # ----------------------------------------------------------------- shards
+    def shard_indices_for(self, rank: int, world_size: int) -> list[int]:
+        """Shards of one consumer: positions ``rank, rank + world_size, ...`` (no overlap, no gap)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world size {world_size}")
+        return list(range(rank, len(self.shards), world_size))
+
+    def open_shard(self, position: int) -> pa.Table:
+        """Open shard number ``position`` (manifest order) as a zero-copy Arrow table."""
+        entry = self.shards[position]
+        path = storage.join(self.root, entry["file"])
+        if not storage.exists(self.fs, path):
+            raise CacheError(f"{self.uri}: shard {entry['file']} listed in the manifest is missing")
+        found = storage.size(self.fs, path)
+        if found != entry["bytes"]:
+            raise CacheError(
+                f"{self.uri}: shard {entry['file']} has {found} bytes, the manifest says {entry['bytes']}: "
+                "the file is truncated or was replaced; rebuild it by re-running the cache job"
+            )
+        try:
+            src = pa.memory_map(path, "r") if self.local else self.fs.open_input_file(path)
+            table = ipc.open_file(src).read_all()
+        except (pa.ArrowInvalid, OSError) as e:
+            raise CacheError(
+                f"{self.uri}: shard {entry['file']} is not a readable Arrow IPC file ({e}); re-run the cache job "
+                "to rebuild it"
+            ) from e
+        if table.num_rows != entry["rows"]:
+            raise CacheError(
+                f"{self.uri}: shard {entry['file']} has {table.num_rows} rows, manifest says {entry['rows']}"
+            )
+        return table
+
+    def iter_shard(self, position: int) -> Iterator[CachedRow]:
+        table = self.open_shard(position)
+        for batch in table.to_batches():
+            for i in range(batch.num_rows):
+                yield decode_row(batch, i, self.hidden_dtype)
+
+    def iter_rows(self, shards: list[int] | None = None) -> Iterator[CachedRow]:
+        """Iterate decoded rows of the given shard positions (all by default), in order."""
+        for s in shards if shards is not None else range(len(self.shards)):
+            yield from self.iter_shard(s)
+
+    def verify(self) -> None:
+        """Recompute every shard's and tensor file's sha256 against the manifest (reads everything)."""
+        for entry in self.shards:
+            path = storage.join(self.root, entry["file"])
+            if not storage.exists(self.fs, path):
+                raise CacheError(f"{self.uri}: shard {entry['file']} is missing")
+            digest = storage.sha256_file(self.fs, path)
+            if digest != entry["sha256"]:
+                raise CacheError(
+                    f"{self.uri}: shard {entry['file']} checksum {digest[:12]}… does not match the manifest's "
+                    f"{entry['sha256'][:12]}…: the file is corrupt; delete it and re-run the cache job"
+                )
+        for name, info in self.manifest["files"].items():
+            digest = storage.sha256_file(self.fs, storage.join(self.root, name))
+            if digest != info["sha256"]:
+                raise CacheError(
+                    f"{self.uri}: {name} checksum does not match the manifest: the file is corrupt"
+                )
+
+    # ----------------------------------------------------------------- tensors
+    def _load_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load as st_load
+
+        path = storage.join(self.root, name)
+        if not storage.exists(self.fs, path):
+            raise CacheError(f"{self.uri}: {name} is missing")
+        return st_load(storage.read_bytes(self.fs, path))
+
+    def load_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher LM head ``[V_T, d_T]`` and its bias ``[V_T]`` (or None)."""
+        t = self._load_tensors(HEAD_FILE)
+        return t["weight"], t.get("bias")
+
+    def load_embeddings(self) -> torch.Tensor:
+        """Teacher input-embedding table ``[V_T, d_T]``."""
+        return self._load_tensors(EMBED_FILE)["weight"]
+
+
+def open_cache(
+    uri: str, expect: CacheExpectation | dict[str, Any] | None = None, verify: bool = False
+) -> TeacherCache:
+    """Open and validate a cache.
+
+    Args:
+        uri: local directory or pyarrow filesystem URI.
+        expect: what the caller requires (teacher, tokenizer, ...); mismatches raise :class:`CacheError`.
+        verify: also recompute every file's sha256 (reads the whole cache).
+
+    Returns:
+        The opened :class:`TeacherCache`.
+    """
+    if isinstance(expect, dict):
+        expect = CacheExpectation(**expect)
+    expect = expect or CacheExpectation()
+    fs, root, _ = storage.resolve(uri)
+    mpath = storage.join(root, MANIFEST)
+    if not storage.exists(fs, mpath):
+        hint = "the cache job has not finished (or was interrupted): re-run it to complete the cache"
+        if not storage.exists(fs, root):
+            hint = "the directory does not exist"
+        raise CacheError(f"{uri}: no {MANIFEST}; {hint}")
+    try:
+        manifest = storage.read_json(fs, mpath)
+    except ValueError as e:
+        raise CacheError(f"{uri}: {MANIFEST} is not valid JSON ({e})") from e
+    _check(manifest, expect, uri)
+    cache = TeacherCache(uri, manifest)
+    if verify:
+        cache.verify()
+    return cache

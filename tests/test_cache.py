@@ -1,0 +1,360 @@
+"""Teacher cache: the real Ray job on tiny teachers, fidelity against a live teacher, validation, resume."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline.config import load_config
+from teacher_cache.format import HIDDEN_DTYPES, MANIFEST, decode_hidden, encode_hidden
+from teacher_cache.job import CacheJobConfig, run
+from teacher_cache.reader import CacheError, CacheExpectation, open_cache
+from teacher_cache.teacher import TeacherConfig, TeacherError, load_teacher
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(data: Path, teacher: Path, out: Path, *extra: str) -> CacheJobConfig:
+    return load_config(
+        CacheJobConfig,
+        None,
+        [
+            f"data.path={data}",
+            f"teacher.path={teacher}",
+            f"cache.output={out}",
+            "cache.rows_per_shard=16",
+            "ray.batch_size=4",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def llama_cache(ray_session, tmp_path_factory, synthetic_jsonl, tiny_llama_dir):
+    out = tmp_path_factory.mktemp("cache") / "llama-fp32"
+    manifest = run(_cfg(synthetic_jsonl, tiny_llama_dir, out, "cache.hidden_dtype=float32"), progress=False)
+    return out, manifest
+
+
+def _live(model, ids: np.ndarray) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.from_numpy(ids[None, :-1].astype(np.int64))).logits[0].float()
+
+
+def test_cache_matches_live_teacher_fp32(llama_cache, tiny_llama_dir):
+    out, manifest = llama_cache
+    cache = open_cache(str(out), verify=True)
+    assert cache.num_rows == 40 and len(cache.shards) == 3
+    model = load_teacher(TeacherConfig(path=str(tiny_llama_dir)))
+    head, bias = cache.load_head()
+    assert bias is None and torch.equal(head, model.get_output_embeddings().weight)
+    assert torch.equal(cache.load_embeddings(), model.get_input_embeddings().weight)
+    n = 0
+    for row in cache.iter_rows():
+        live = _live(model, row.input_ids)
+        rec = row.hidden @ head.T
+        # fp32 storage: recomputed logits equal live logits up to matmul reassociation
+        assert (rec - live).abs().max().item() < 1e-4
+        live_lp = live.log_softmax(-1)
+        np.testing.assert_allclose(row.logsumexp, torch.logsumexp(live, -1).numpy(), atol=1e-4)
+        np.testing.assert_allclose(row.entropy, -(live_lp.exp() * live_lp).sum(-1).numpy(), atol=1e-4)
+        vals, _ = live_lp.topk(cache.top_k, dim=-1)
+        np.testing.assert_allclose(row.topk_logprobs, vals.numpy(), atol=1e-4)
+        gathered = live_lp.gather(1, torch.from_numpy(row.topk_ids.astype(np.int64)))
+        np.testing.assert_allclose(gathered.numpy(), row.topk_logprobs, atol=1e-4)
+        # offsets point into prompt + response; the response starts where the prompt ends
+        text = row.prompt + row.response
+        assert (
+            row.offsets[row.response_start - 1, 1]
+            <= len(row.prompt)
+            <= row.offsets[row.response_start, 0] + 1
+        )
+        assert row.offsets[-1, 0] == len(text) or manifest["stats"]["truncated_total"] > 0
+        n += 1
+    assert n == 40
+
+
+@pytest.mark.parametrize(
+    "dtype,max_kl", [("float32", 1e-9), ("float16", 1e-5), ("bfloat16", 1e-3), ("int8", 1e-2)]
+)
+def test_hidden_dtype_fidelity(tiny_llama_dir, dtype, max_kl):
+    """Mean KL(live || recomputed from stored hidden) per stored dtype; thresholds are documented in CACHE_FORMAT.md."""
+    model = load_teacher(TeacherConfig(path=str(tiny_llama_dir)))
+    torch.manual_seed(0)
+    x = torch.randint(0, model.config.vocab_size, (2, 50))
+    with torch.no_grad():
+        h = model.base_model(input_ids=x).last_hidden_state.reshape(-1, model.config.hidden_size)
+    w = model.get_output_embeddings().weight
+    values, scale = encode_hidden(h, dtype)
+    rec = decode_hidden(values, scale, dtype)
+    lp_live = (h @ w.T).log_softmax(-1)
+    lp_rec = (rec @ w.T).log_softmax(-1)
+    kl = (lp_live.exp() * (lp_live - lp_rec)).sum(-1).mean().item()
+    assert 0 <= kl <= max_kl
+    assert set(HIDDEN_DTYPES) == {"float32", "float16", "bfloat16", "int8"}
+
+
+def test_mistral_arch_int8_cache_and_expectations(
+    ray_session, tmp_path, synthetic_jsonl, tiny_mistral_dir, llama_cache
+):
+    out = tmp_path / "mistral-int8"
+    manifest = run(
+        _cfg(synthetic_jsonl, tiny_mistral_dir, out, "cache.hidden_dtype=int8", "cache.top_k=4"),
+        progress=False,
+    )
+    assert manifest["teacher"]["architecture"] == "MistralForCausalLM"
+    assert manifest["stats"]["hidden_bytes_per_position"] == 48 + 4
+    cache = open_cache(str(out), expect={"teacher_name": str(tiny_mistral_dir), "hidden_size": 48})
+    model = load_teacher(TeacherConfig(path=str(tiny_mistral_dir)))
+    head, _ = cache.load_head()
+    kls = []
+    for row in cache.iter_rows():
+        lp_live = _live(model, row.input_ids).log_softmax(-1)
+        lp_rec = (row.hidden @ head.T).log_softmax(-1)
+        kls.append((lp_live.exp() * (lp_live - lp_rec)).sum(-1).mean().item())
+        assert row.topk_ids.shape == (len(row.input_ids) - 1, 4)
+    assert np.mean(kls) < 1e-2
+    # the llama cache must be refused when the mistral teacher is expected, with a message naming both
+    llama_out, llama_manifest = llama_cache
+    with pytest.raises(CacheError, match="built for teacher .* but the config expects"):
+        open_cache(str(llama_out), expect={"teacher_name": str(tiny_mistral_dir)})
+    with pytest.raises(CacheError, match="teacher tokenizer"):
+        open_cache(str(llama_out), expect=CacheExpectation(tokenizer_sha256=manifest["tokenizer"]["sha256"]))
+    assert manifest["tokenizer"]["sha256"] != llama_manifest["tokenizer"]["sha256"]
+
+
+def test_rerun_is_a_no_op_and_other_config_is_refused(llama_cache, synthetic_jsonl, tiny_llama_dir):
+    out, manifest = llama_cache
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = run(_cfg(synthetic_jsonl, tiny_llama_dir, out, "cache.hidden_dtype=float32"), progress=False)
+    assert again == manifest
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == mtimes
+    with pytest.raises(ValueError, match="different config"):
+        run(_cfg(synthetic_jsonl, tiny_llama_dir, out, "cache.hidden_dtype=bfloat16"), progress=False)
+
+
+def test_rank_sharding_has_no_overlap_and_no_gap(llama_cache):
+    cache = open_cache(str(llama_cache[0]))
+    for world in range(1, 6):
+        parts = [cache.shard_indices_for(r, world) for r in range(world)]
+        flat = sorted(i for p in parts for i in p)
+        assert flat == list(range(len(cache.shards)))
+    with pytest.raises(ValueError):
+        cache.shard_indices_for(3, 3)
+
+
+def test_damaged_caches_give_clear_errors(llama_cache, tmp_path):
+    src, _ = llama_cache
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    shard = bad / "shards" / "part-00001.arrow"
+    # a flipped byte keeps the size: only the checksum catches it
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    cache = open_cache(str(bad))
+    with pytest.raises(CacheError, match=r"part-00001\.arrow checksum .* does not match"):
+        cache.verify()
+    # a truncated shard is caught on open, before any decoding
+    shard.write_bytes(bytes(data[: len(data) // 3]))
+    with pytest.raises(
+        CacheError, match=r"part-00001\.arrow has \d+ bytes, the manifest says \d+: the file is truncated"
+    ):
+        cache.open_shard(1)
+    (bad / "shards" / "part-00002.arrow").unlink()
+    with pytest.raises(CacheError, match="part-00002.arrow listed in the manifest is missing"):
+        cache.open_shard(2)
+    # schema version and missing manifest
+    m = json.loads((bad / MANIFEST).read_text())
+    m["schema_version"] = 99
+    (bad / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(CacheError, match="schema version 99 but this code reads version 1"):
+        open_cache(str(bad))
+    (bad / MANIFEST).unlink()
+    with pytest.raises(CacheError, match="no manifest.json; the cache job has not finished"):
+        open_cache(str(bad))
+
+
+def test_pyarrow_filesystem_uri(llama_cache):
+    cache = open_cache("file://" + str(llama_cache[0]), verify=True)
+    assert sum(1 for _ in cache.iter_rows([0])) == 16
+
+
+def test_teacher_with_logit_transform_is_refused(tiny_llama_dir, tmp_path):
+    from teacher_cache.teacher import check_head_reproduces_logits
+
+    model = load_teacher(TeacherConfig(path=str(tiny_llama_dir)))
+    x = torch.randint(0, 100, (1, 12))
+    m = torch.ones_like(x)
+    assert check_head_reproduces_logits(model, x, m) < 1e-4
+    model.lm_head.register_forward_hook(
+        lambda mod, inp, out: 0.5 * torch.tanh(out / 0.5)
+    )  # Gemma-style soft-capping
+    with pytest.raises(TeacherError, match="transforms logits after the head"):
+        check_head_reproduces_logits(model, x, m)
+
+
+def _write_yaml(path: Path, data: Path, teacher: Path, out: Path, rows_per_shard: int, batch: int) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"path": str(data)},
+                "teacher": {"path": str(teacher)},
+                "cache": {"output": str(out), "rows_per_shard": rows_per_shard, "hidden_dtype": "float32"},
+                "ray": {"batch_size": batch},
+            }
+        )
+    )
+    return path
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (the in-process Ray cluster's gcs, raylet and workers)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=30)
+
+
+def test_kill_and_resume_completes_without_duplicates(tmp_path, mistral_tokenizer):
+    """SIGKILL a real job (driver and its local Ray cluster) after some shards, resume, check the whole cache."""
+    from pipeline.tiny import save_tiny_model, synthetic_records, write_jsonl
+
+    teacher = save_tiny_model(tmp_path / "teacher", "llama", mistral_tokenizer, hidden=256, layers=6)
+    data = write_jsonl(synthetic_records(240, seed=7), tmp_path / "data.jsonl")
+    out = tmp_path / "cache"
+    cfg = _write_yaml(tmp_path / "job.yaml", data, teacher, out, rows_per_shard=8, batch=1)
+    cmd = [sys.executable, "-m", "teacher_cache.job", "--config", str(cfg), "--no-progress"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            sidecars = list((out / "shards").glob("part-*.arrow.json")) if (out / "shards").exists() else []
+            if len(sidecars) >= 3:
+                break
+            assert proc.poll() is None, "the job ended before it could be killed"
+            time.sleep(0.05)
+        _kill_tree(proc.pid)
+    finally:
+        proc.wait(timeout=60)
+    written = len(list((out / "shards").glob("part-*.arrow.json")))
+    assert not (out / MANIFEST).exists(), "the job finished before the kill: make the test job longer"
+    assert 3 <= written < 30
+    with pytest.raises(CacheError, match="has not finished"):
+        open_cache(str(out))
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"({written} already written, {30 - written} to do)" in done.stdout
+    resumed = open_cache(str(out), verify=True)
+    # no duplicate, no missing sample, source order kept
+    from pipeline.records import DataConfig, read_records
+
+    expected = [r.sample_id for r in read_records(DataConfig(path=str(data)))]
+    assert [r.sample_id for r in resumed.iter_rows()] == expected
+    # every row (from before and after the kill) matches the live teacher
+    model = load_teacher(TeacherConfig(path=str(teacher)))
+    for row in resumed.iter_rows():
+        with torch.no_grad():
+            live = model.base_model(
+                input_ids=torch.from_numpy(row.input_ids[None, :-1].astype(np.int64))
+            ).last_hidden_state[0]
+        assert torch.allclose(row.hidden, live, atol=1e-4)
+    assert not list(out.rglob("*.tmp-*"))
+
+
+@pytest.mark.slow
+def test_ray_job_submit_against_a_local_head(tmp_path, synthetic_jsonl, tiny_llama_dir):
+    """`ray start --head` + `ray job submit` of the cache job; the cache opens and matches; the head is stopped."""
+    import secrets
+    import socket
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    gcs, dash = free_port(), free_port()
+    env = dict(
+        os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0"
+    )
+    env.pop("RAY_ADDRESS", None)
+    out = tmp_path / "cache"
+    cfg = _write_yaml(tmp_path / "job.yaml", synthetic_jsonl, tiny_llama_dir, out, rows_per_shard=16, batch=4)
+    start = subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            f"--port={gcs}",
+            f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            f"--temp-dir={tmp_path / 'ray'}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert start.returncode == 0, start.stdout + start.stderr
+    try:
+        sub = subprocess.run(
+            [
+                ray_bin,
+                "job",
+                "submit",
+                f"--address=http://127.0.0.1:{dash}",
+                f"--working-dir={REPO}",
+                "--",
+                sys.executable,
+                "-m",
+                "teacher_cache.job",
+                "--config",
+                str(cfg),
+                "--no-progress",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=REPO,
+        )
+        assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
+        assert "succeeded" in sub.stdout
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    cache = open_cache(str(out), expect={"teacher_name": str(tiny_llama_dir)}, verify=True)
+    model = load_teacher(TeacherConfig(path=str(tiny_llama_dir)))
+    head, _ = cache.load_head()
+    row = next(cache.iter_rows())
+    assert (row.hidden @ head.T - _live(model, row.input_ids)).abs().max().item() < 1e-4
