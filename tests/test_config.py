@@ -1,0 +1,48 @@
+"""Typed configs: unknown keys are errors, overrides are typed, every shipped YAML loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, describe, load_config, parse_overrides
+from teacher_cache.job import CacheJobConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "cache").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_cache_config_loads(path):
+    cfg = load_config(CacheJobConfig, path)
+    assert cfg.cache.output and cfg.teacher.path and cfg.data.path
+
+
+def test_unknown_keys_and_bad_types_are_errors(tmp_path):
+    base = ["data.path=x.jsonl", "teacher.path=t", "cache.output=o"]
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['cache.hiden_dtype'\]"):
+        load_config(CacheJobConfig, None, [*base, "cache.hiden_dtype=int8"])
+    with pytest.raises(ConfigError, match="ray.batch_size: expected an integer, found 'four'"):
+        load_config(CacheJobConfig, None, [*base, "ray.batch_size=four"])
+    with pytest.raises(ValueError, match="cache.hidden_dtype must be one of"):
+        load_config(CacheJobConfig, None, [*base, "cache.hidden_dtype=int4"])
+    with pytest.raises(ConfigError, match="expected one of"):
+        load_config(CacheJobConfig, None, [*base, "data.format=csv"])
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        parse_overrides(["ray.batch_size"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(CacheJobConfig, tmp_path / "missing.yaml")
+
+
+def test_overrides_win_over_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data: {path: a.jsonl}\nteacher: {path: t}\ncache: {output: o, top_k: 4}\n")
+    cfg = load_config(CacheJobConfig, p, ["cache.top_k=8", "ray.gpus_per_actor=0.5"])
+    assert cfg.cache.top_k == 8 and cfg.ray.gpus_per_actor == 0.5 and cfg.data.path == "a.jsonl"
+
+
+def test_help_lists_every_key_with_its_help():
+    lines = "\n".join(describe(CacheJobConfig))
+    for key in ("data.path", "teacher.gguf_file", "cache.hidden_dtype", "ray.gpus_per_actor"):
+        assert key in lines
+    assert "storage dtype of hidden states" in lines
