@@ -1,0 +1,271 @@
+"""Per-position divergences and entropies computed from logits, plus the chunked teacher-side helper.
+
+All functions are pure functions of tensors. Softmax / log-softmax / entropy run in float32 (float64 when
+the inputs are float64, so the float64 gradchecks in the tests are meaningful). Logits must be finite: the
+objective checks this once for all its inputs.
+
+Masking convention: ``mask`` is a boolean tensor over the leading (position) dimensions. Masked positions
+are never fed to the softmax; their output is an exact 0 and they receive exactly zero gradient, so
+their values (even huge ones) cannot influence the loss.
+
+Notation (METHOD.md §2.8, A3): ``KL_tau(a || b) = sum_v softmax(a/tau)_v [log softmax(a/tau)_v -
+log softmax(b/tau)_v]``, with no ``tau**2`` factor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "compute_dtype",
+    "entropy_from_logits",
+    "forward_kl_from_logits",
+    "skewed_reverse_kl_from_logits",
+    "teacher_entropy_and_kl",
+]
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The dtype softmax-type reductions run in: float64 if any input is float64, else float32."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def _rowwise(
+    fn: Callable[..., torch.Tensor], mask: torch.Tensor | None, *logits: torch.Tensor
+) -> torch.Tensor:
+    """Apply ``fn`` (rows ``[N, V]`` -> ``[N]``) to the unmasked positions, zeros elsewhere.
+
+    Args:
+        fn: maps ``k`` tensors of shape ``[N, V]`` (in the compute dtype) to a ``[N]`` tensor.
+        mask: boolean ``[...]`` over the leading dims of the logits, or ``None`` for all positions.
+        *logits: tensors of shape ``[..., V_k]`` sharing the leading dims.
+
+    Returns:
+        ``[...]`` tensor in the compute dtype; exactly 0 at masked positions.
+    """
+    lead = logits[0].shape[:-1]
+    for t in logits[1:]:
+        if t.shape[:-1] != lead:
+            raise ValueError(
+                f"logit tensors must share their leading (position) dims; got {tuple(lead)} and "
+                f"{tuple(t.shape[:-1])}"
+            )
+    dtype = compute_dtype(*logits)
+    flat = [t.reshape(-1, t.shape[-1]) for t in logits]
+    if mask is None:
+        return fn(*(t.to(dtype) for t in flat)).reshape(lead)
+    if mask.shape != lead:
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} does not match the logits' leading dims {tuple(lead)}"
+        )
+    idx = mask.reshape(-1).nonzero(as_tuple=True)[0]
+    vals = fn(*(t.index_select(0, idx).to(dtype) for t in flat))
+    out = vals.new_zeros(flat[0].shape[0])
+    return out.index_put((idx,), vals).reshape(lead)
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def forward_kl_from_logits(
+    target_logits: torch.Tensor,
+    logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Forward KL ``KL_tau(target || model)`` per position.
+
+    Args:
+        target_logits: ``[..., V]`` logits of the target distribution ``a`` (detach it yourself if it
+            must not receive gradient).
+        logits: ``[..., V]`` logits of the model distribution ``b``.
+        mask: boolean ``[...]``; ``False`` positions contribute exactly 0.
+        temperature: ``tau > 0``; both sides are divided by it. No ``tau**2`` factor.
+
+    Returns:
+        ``[...]`` float32 (float64 for float64 inputs) per-position KL, >= 0.
+    """
+    _check_temperature(temperature)
+
+    def fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        la = F.log_softmax(a / temperature, dim=-1)
+        lb = F.log_softmax(b / temperature, dim=-1)
+        return (la.exp() * (la - lb)).sum(-1)
+
+    return _rowwise(fn, mask, target_logits, logits)
+
+
+def skewed_reverse_kl_from_logits(
+    target_logits: torch.Tensor,
+    logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    skew: float = 0.1,
+) -> torch.Tensor:
+    """Skewed reverse KL (METHOD.md A3) per position.
+
+    ``SRKL = sum_v p_v [log p_v - log((1 - skew) q_v + skew p_v)]`` with ``p = softmax(logits/tau)`` (the
+    model) and ``q = softmax(target_logits/tau)``, i.e. ``KL(p || (1-skew) q + skew p)``. The mixture's log
+    is computed as a ``logaddexp`` of log-probabilities (no ``log(0)``).
+
+    Args:
+        target_logits: ``[..., V]`` logits of the target ``q``.
+        logits: ``[..., V]`` logits of the model ``p``.
+        mask: boolean ``[...]``; ``False`` positions contribute exactly 0.
+        temperature: ``tau > 0``.
+        skew: mixing weight ``lambda`` of the model distribution, in ``[0, 1)``.
+
+    Returns:
+        ``[...]`` per-position divergence, >= 0.
+    """
+    _check_temperature(temperature)
+    if not 0.0 <= skew < 1.0:
+        raise ValueError(f"skew must be in [0, 1), got {skew}")
+
+    def fn(q_logits: torch.Tensor, p_logits: torch.Tensor) -> torch.Tensor:
+        lq = F.log_softmax(q_logits / temperature, dim=-1)
+        lp = F.log_softmax(p_logits / temperature, dim=-1)
+        if skew == 0.0:
+            lmix = lq
+        else:
+            lmix = torch.logaddexp(lq + math.log1p(-skew), lp + math.log(skew))
+        return (lp.exp() * (lp - lmix)).sum(-1)
+
+    return _rowwise(fn, mask, target_logits, logits)
+
+
+def entropy_from_logits(
+    logits: torch.Tensor, mask: torch.Tensor | None = None, *, temperature: float = 1.0
+) -> torch.Tensor:
+    """Shannon entropy (natural log) of ``softmax(logits / tau)`` per position.
+
+    Args:
+        logits: ``[..., V]``.
+        mask: boolean ``[...]``; ``False`` positions are exactly 0.
+        temperature: ``tau > 0``.
+
+    Returns:
+        ``[...]`` entropies in ``[0, log V]``.
+    """
+    _check_temperature(temperature)
+
+    def fn(z: torch.Tensor) -> torch.Tensor:
+        lz = F.log_softmax(z / temperature, dim=-1)
+        return -(lz.exp() * lz).sum(-1)
+
+    return _rowwise(fn, mask, logits)
+
+
+def _row_chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+
+
+class _ChunkedTeacherKL(torch.autograd.Function):
+    """``KL_tau(W h_T || W h_s2t)`` and ``H(softmax(W h_T))`` per row, chunk by chunk over rows.
+
+    Forward and backward both recompute the ``[chunk, V_T]`` logits, so at most a few chunk-sized
+    vocabulary slabs are alive at once (never ``N x V_T``). Only ``s2t_rows`` receives gradient:
+    ``d KL / d z_s2t = (softmax(z_s2t/tau) - softmax(z_T/tau)) / tau`` and ``d / d h_s2t = (...) @ W``.
+    """
+
+    @staticmethod
+    def forward(ctx, s2t_rows, teacher_rows, head, temperature, chunk_size):
+        """Per-row KL and entropy; saves only the (small) row inputs and the head."""
+        n = teacher_rows.shape[0]
+        kl = s2t_rows.new_zeros(n)
+        ent = s2t_rows.new_zeros(n)
+        for s, e in _row_chunks(n, chunk_size):
+            zt = teacher_rows[s:e] @ head.T
+            lt1 = F.log_softmax(zt, dim=-1)
+            ent[s:e] = -(lt1.exp() * lt1).sum(-1)
+            del lt1
+            ltt = F.log_softmax(zt / temperature, dim=-1)
+            del zt
+            lq = F.log_softmax((s2t_rows[s:e] @ head.T) / temperature, dim=-1)
+            kl[s:e] = (ltt.exp() * (ltt - lq)).sum(-1)
+        ctx.save_for_backward(s2t_rows, teacher_rows, head)
+        ctx.temperature = temperature
+        ctx.chunk_size = chunk_size
+        ctx.mark_non_differentiable(ent)
+        return kl, ent
+
+    @staticmethod
+    def backward(ctx, grad_kl, grad_ent):
+        """Gradient w.r.t. ``s2t_rows`` only, recomputing the logits chunk by chunk."""
+        s2t_rows, teacher_rows, head = ctx.saved_tensors
+        tau = ctx.temperature
+        grad = torch.zeros_like(s2t_rows)
+        if grad_kl is None:
+            return grad, None, None, None, None
+        for s, e in _row_chunks(teacher_rows.shape[0], ctx.chunk_size):
+            pt = F.softmax((teacher_rows[s:e] @ head.T) / tau, dim=-1)
+            q = F.softmax((s2t_rows[s:e] @ head.T) / tau, dim=-1)
+            gz = (q - pt) * (grad_kl[s:e].to(q.dtype) / tau).unsqueeze(-1)
+            grad[s:e] = gz @ head
+        return grad, None, None, None, None
+
+
+def teacher_entropy_and_kl(
+    teacher_rows: torch.Tensor,
+    teacher_head: torch.Tensor,
+    s2t_rows: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Teacher entropy (tau=1) and teacher-space KL from cached hidden states, chunked over positions.
+
+    For each teacher position the exact teacher logits ``z^T_j = W^T h^T_j`` are rebuilt from the cached
+    final hidden state and the cached LM head, ``chunk_size`` positions at a time, and consumed at once:
+    the entropy ``H^T_j`` of ``softmax(z^T_j)`` (METHOD.md eq. 8, always tau=1) and, when ``s2t_rows`` is
+    given, ``KL_tau(z^T_j || z^{s2t}_j)`` with ``z^{s2t}_j = W^T hhat^{s2t}_j`` (eq. 15 / §2.9). The
+    largest live tensor is ``[chunk_size, V_T]``, in forward and backward.
+
+    Args:
+        teacher_rows: ``[N, d_T]`` teacher final hidden states at the positions of interest (any float
+            dtype; constant, never receives gradient).
+        teacher_head: ``[V_T, d_T]`` teacher LM head (constant; treated as detached). Pass it already in
+            float32 to avoid a per-call cast of the whole head.
+        s2t_rows: ``[N, d_T]`` student-to-teacher attended states ``hhat^{s2t}``; receives gradient.
+        temperature: KL temperature ``tau > 0`` (the entropy is always at tau=1).
+        chunk_size: positions per chunk, >= 1.
+
+    Returns:
+        ``(entropy [N], kl [N] or None)`` in float32 (float64 if ``s2t_rows`` / ``teacher_rows`` are
+        float64). ``entropy`` is detached.
+    """
+    _check_temperature(temperature)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if teacher_rows.dim() != 2 or teacher_head.dim() != 2 or teacher_rows.shape[1] != teacher_head.shape[1]:
+        raise ValueError(
+            f"expected teacher_rows [N, d_T] and teacher_head [V_T, d_T]; got {tuple(teacher_rows.shape)} "
+            f"and {tuple(teacher_head.shape)}"
+        )
+    dtype = compute_dtype(teacher_rows, s2t_rows)
+    head = teacher_head.detach().to(dtype)
+    t_rows = teacher_rows.detach().to(dtype)
+    if s2t_rows is None:
+        n = t_rows.shape[0]
+        ent = t_rows.new_zeros(n)
+        with torch.no_grad():
+            for s, e in _row_chunks(n, chunk_size):
+                lt = F.log_softmax(t_rows[s:e] @ head.T, dim=-1)
+                ent[s:e] = -(lt.exp() * lt).sum(-1)
+        return ent, None
+    if s2t_rows.shape != t_rows.shape:
+        raise ValueError(
+            f"s2t_rows must match teacher_rows [N, d_T]; got {tuple(s2t_rows.shape)} vs {tuple(t_rows.shape)}"
+        )
+    kl, ent = _ChunkedTeacherKL.apply(s2t_rows.to(dtype), t_rows, head, float(temperature), int(chunk_size))
+    return ent, kl
