@@ -486,6 +486,7 @@ def _dense_token_oracle(cfg, t, proj):
         teacher_input_embeds=table[formal_ids(t["teacher_input_ids"], t["teacher_labels"])],
         teacher_target_embeds=table[formal_ids(t["teacher_labels"], t["teacher_labels"])],
         teacher_mask=t_mask,
+        std_scope=cfg.cma_std_scope,
     )
     tau = cfg.kd_temperature
     z_t2s_full = cma.hhat_t2s @ t["student_head"].T
@@ -837,3 +838,43 @@ def test_end_to_end_with_tiny_hf_models():
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     assert all(p.grad is None for p in teacher.parameters())
     assert all(v > 0 for k, v in out.terms.items()), out.terms
+
+
+# ------------------------------------------------------------------ micro-batch and padding invariance
+
+
+def _slice(t, b):
+    return {
+        k: (
+            v[b : b + 1]
+            if v.dim() >= 2 and k not in ("student_head", "teacher_head", "teacher_embeddings")
+            else v
+        )
+        for k, v in t.items()
+    }
+
+
+def _pad_teacher(t, extra):
+    """Append ``extra`` pad rows to the teacher side (zeros, as the trainer pads cached hidden states)."""
+    t = dict(t)
+    bsz, m, d = t["teacher_hidden"].shape
+    t["teacher_hidden"] = torch.cat([t["teacher_hidden"], torch.zeros(bsz, extra, d)], 1)
+    t["teacher_input_ids"] = torch.cat([t["teacher_input_ids"], torch.zeros(bsz, extra, dtype=torch.long)], 1)
+    t["teacher_labels"] = torch.cat([t["teacher_labels"], torch.full((bsz, extra), -100)], 1)
+    mask = t.get("teacher_attention_mask", torch.ones(bsz, m, dtype=torch.long))
+    t["teacher_attention_mask"] = torch.cat([mask, torch.zeros(bsz, extra, dtype=torch.long)], 1)
+    return t
+
+
+def test_sample_std_scope_is_invariant_to_grouping_and_padding():
+    """cma_std_scope='sample': the batch objective is the sum of per-sample objectives, padding changes nothing."""
+    t = make_tensors(seed=21, pad_t=(0, 0))
+    proj = make_projectors()
+    cfg = dataclasses.replace(PRESETS["dwa_kd"], cma_std_scope="sample")
+    whole = run(cfg, t, proj).total
+    parts = sum(run(cfg, _slice(t, b), proj).total for b in range(2))
+    torch.testing.assert_close(whole, parts, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run(cfg, _pad_teacher(t, 4), proj).total, whole, rtol=1e-5, atol=1e-5)
+    # the reference 'batch' scope depends on both (that is why 'sample' is the default)
+    ref = dataclasses.replace(cfg, cma_std_scope="batch")
+    assert not torch.allclose(run(ref, _pad_teacher(t, 4), proj).total, run(ref, t, proj).total)

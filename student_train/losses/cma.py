@@ -121,13 +121,29 @@ def index_embeddings(input_embeds: torch.Tensor, target_embeds: torch.Tensor) ->
     return torch.cat([input_embeds, target_embeds], dim=-1)
 
 
-def std_normalise(x: torch.Tensor) -> torch.Tensor:
-    """``x / std(x)`` with ONE unbiased scalar std over every entry of the batch tensor (§2.3).
+def std_normalise(x: torch.Tensor, valid: torch.Tensor | None = None, scope: str = "batch") -> torch.Tensor:
+    """``x / std(x)``: the scalar std normalisation of METHOD.md §2.3.
 
-    Includes prompt and pad rows (as the DSKD code does). The std is floored at 1e-12 so a constant
-    tensor gives large-but-finite values instead of NaN.
+    Args:
+        x: ``[B, L, D]``.
+        valid: boolean ``[B, L]`` real (non-pad) rows; used by ``scope="sample"``.
+        scope: ``"batch"`` = ONE unbiased std over every entry of the batch tensor, prompt and pad rows
+            included (the DSKD code); ``"sample"`` = one unbiased std per sample over its non-pad rows, which
+            makes the result independent of padding and of how samples are grouped into micro-batches.
+
+    The std is floored at 1e-12 so a constant tensor gives large-but-finite values instead of NaN.
     """
-    return x / x.std().clamp_min(1e-12)
+    if scope == "batch":
+        return x / x.std().clamp_min(1e-12)
+    if scope != "sample":
+        raise ValueError(f"std scope must be 'batch' or 'sample', got {scope!r}")
+    if valid is None:
+        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    w = valid.to(x.dtype).unsqueeze(-1)
+    count = (valid.sum(1) * x.shape[-1]).to(x.dtype).clamp_min(2.0)
+    mean = (x * w).sum((1, 2)) / count
+    var = (((x - mean[:, None, None]) ** 2) * w).sum((1, 2)) / (count - 1)
+    return x / var.sqrt().clamp_min(1e-12)[:, None, None]
 
 
 def attention_scores(
@@ -165,6 +181,8 @@ def cross_model_attention(
     teacher_input_embeds: torch.Tensor,
     teacher_target_embeds: torch.Tensor,
     teacher_mask: torch.Tensor,
+    teacher_valid: torch.Tensor | None = None,
+    std_scope: str = "batch",
 ) -> CMAOutput:
     """DSKD cross-model attention in both directions (METHOD.md §2 steps 2-7).
 
@@ -184,6 +202,8 @@ def cross_model_attention(
         teacher_input_embeds: ``[B, m, d_T]`` teacher embeddings of the formal input ids (constant).
         teacher_target_embeds: ``[B, m, d_T]`` teacher embeddings of the formal target ids (constant).
         teacher_mask: boolean ``[B, m]`` teacher response mask.
+        teacher_valid: boolean ``[B, m]`` non-pad teacher rows (for ``std_scope="sample"``).
+        std_scope: scope of the std normalisation of keys and values (see :func:`std_normalise`).
 
     Returns:
         :class:`CMAOutput`.
@@ -195,8 +215,12 @@ def cross_model_attention(
 
     u_s = index_embeddings(student_input_embeds.detach(), student_target_embeds.detach())
     queries = apply_linear(projectors.query, u_s, dtype)
-    keys = std_normalise(index_embeddings(t_in, t_tg))
-    v_t = apply_linear(projectors.t2s, std_normalise(t_hidden) + std_normalise(t_tg), dtype)
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        return std_normalise(x, teacher_valid, std_scope)
+
+    keys = norm(index_embeddings(t_in, t_tg))
+    v_t = apply_linear(projectors.t2s, norm(t_hidden) + norm(t_tg), dtype)
     v_s = apply_linear(projectors.s2t, student_hidden, dtype)
 
     scores = attention_scores(queries, keys, student_mask, teacher_mask)

@@ -52,6 +52,7 @@ TERM_NAMES = ("ce", "proj_ce", "kd_student", "kd_teacher", "dtw_hidden", "dtw_em
 _STUDENT_DIVERGENCES = ("forward_kl", "skewed_reverse_kl")
 _STUDENT_NORMS = ("entropy", "product")
 _DTW_POSITIONS = ("response", "ref_first_n")
+_STD_SCOPES = ("sample", "batch")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -100,6 +101,13 @@ class ObjectiveConfig:
     band_penalty: float = field(
         default=1.0, metadata=_help("rho: cost added outside the band; 0 = unbanded DTW (>= 0)")
     )
+    cma_std_scope: str = field(
+        default="sample",
+        metadata=_help(
+            "std normalisation of CMA keys/values: 'sample' (per sample over non-pad rows: padding- and "
+            "micro-batch-invariant) or 'batch' (one std over the padded batch tensor, the DSKD code)"
+        ),
+    )
     dtw_positions: str = field(
         default="response",
         metadata=_help("A1: 'response' gathers masked rows; 'ref_first_n' mimics the reference bug"),
@@ -136,6 +144,7 @@ class ObjectiveConfig:
             ("student_divergence", _STUDENT_DIVERGENCES),
             ("student_weight_normalisation", _STUDENT_NORMS),
             ("dtw_positions", _DTW_POSITIONS),
+            ("cma_std_scope", _STD_SCOPES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -210,7 +219,10 @@ PRESETS: dict[str, ObjectiveConfig] = {
     "dwa_kd_wo_gate": ObjectiveConfig(method="dwa_kd_wo_gate", gate=False),
     # Fidelity variant: what the reference scripts actually run (SRKL, first-n DTW rows).
     "dwa_kd_reference": ObjectiveConfig(
-        method="dwa_kd_reference", student_divergence="skewed_reverse_kl", dtw_positions="ref_first_n"
+        method="dwa_kd_reference",
+        student_divergence="skewed_reverse_kl",
+        dtw_positions="ref_first_n",
+        cma_std_scope="batch",
     ),
 }
 """Named objectives. Paper Table 3: "w/ EW" = ``dskd_w_ew``, "w/ DTW" = ``dskd_w_dtw`` (rho=0),
@@ -239,6 +251,7 @@ class ObjectiveInputs:
         teacher_labels: ``[B, m]`` long teacher target ids, ``-100`` at non-response / pad positions.
         teacher_head: ``[V_T, d_T]`` teacher LM head (constant; pass fp32 to avoid a per-step cast).
         teacher_embeddings: ``[V_T', d_T]`` teacher input-embedding table (constant).
+        teacher_attention_mask: ``[B, m]`` 1 on real (non-pad) teacher rows; default: all rows real.
     """
 
     student_logits: torch.Tensor
@@ -252,6 +265,7 @@ class ObjectiveInputs:
     teacher_labels: torch.Tensor | None = None
     teacher_head: torch.Tensor | None = None
     teacher_embeddings: torch.Tensor | None = None
+    teacher_attention_mask: torch.Tensor | None = None
 
     def validate(self, cfg: ObjectiveConfig) -> None:
         """Raise ``ValueError`` on missing, mis-shaped, non-finite or out-of-range inputs for ``cfg``."""
@@ -470,6 +484,10 @@ def compute_terms(
             teacher_input_embeds=t_in,
             teacher_target_embeds=t_tg,
             teacher_mask=t_mask,
+            teacher_valid=None
+            if inputs.teacher_attention_mask is None
+            else inputs.teacher_attention_mask.bool(),
+            std_scope=cfg.cma_std_scope,
         )
 
     if cfg.kd_enabled:

@@ -1,0 +1,156 @@
+"""Typed configuration of a student run; the DeepSpeed config is derived from it, never written by hand."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pipeline.config import field
+from student_train.losses.objective import ObjectiveConfig
+
+
+@dataclass
+class StudentConfig:
+    """The student model and tokenizer."""
+
+    path: str = field(
+        "", help="HF model dir (or hub id) of the student; its tokenizer is loaded from the same place"
+    )
+    tokenizer: str | None = field(None, help="tokenizer dir if different from `path`")
+    pad_token: str | None = field(
+        None, help="pad token to use when the tokenizer has none; 'eos' = the EOS token (DSKD)"
+    )
+    eos_token: str | None = field(None, help="override the EOS token appended to responses")
+    max_length: int = field(512, help="max student tokens of prompt+response+EOS (METHOD.md §1)")
+    max_prompt_length: int = field(256, help="the prompt keeps its first N student tokens")
+    gradient_checkpointing: bool = field(False, help="trade compute for activation memory")
+
+    def validate(self) -> None:
+        if not self.path:
+            raise ValueError("student.path is empty: give the student's HF model directory")
+        if not 1 <= self.max_prompt_length < self.max_length:
+            raise ValueError("need 1 <= student.max_prompt_length < student.max_length")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA through peft (off = full fine-tuning)."""
+
+    enabled: bool = field(False, help="train LoRA adapters instead of all weights")
+    r: int = field(256, help="LoRA rank (METHOD.md §6: 256)")
+    alpha: int = field(8, help="LoRA alpha")
+    dropout: float = field(0.1, help="LoRA dropout")
+    target_modules: list[str] | None = field(None, help="module names to adapt; null = all linear layers")
+
+
+@dataclass
+class DataSection:
+    """Where training rows come from."""
+
+    cache: str | None = field(
+        None, help="teacher cache (dir or URI); null = SFT from `sft_path` without a teacher"
+    )
+    sft_path: str | None = field(None, help="records file for SFT without a cache (also teacher SFT)")
+    expect_teacher: str | None = field(
+        None, help="refuse a cache built from another teacher (manifest teacher.name)"
+    )
+    expect_tokenizer_sha256: str | None = field(None, help="refuse a cache whose teacher tokenizer differs")
+    shuffle_buffer: int = field(256, help="rows per seeded shuffle window (0 = no shuffle)")
+    num_workers: int = field(0, help="DataLoader workers per rank (each reads its own shards)")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + cosine schedule (METHOD.md §2.11, §6)."""
+
+    lr: float = field(5e-4, help="student learning rate")
+    projector_lr: float = field(1e-3, help="learning rate of the projectors (own parameter group)")
+    weight_decay: float = field(0.01, help="AdamW weight decay")
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], help="AdamW betas")
+    eta_min: float = field(1e-7, help="cosine schedule floor")
+    warmup_steps: int = field(0, help="linear warm-up steps (METHOD: none)")
+    clip_grad: float = field(1.0, help="gradient clipping norm (0 = off)")
+
+
+@dataclass
+class TrainLoop:
+    """Batching, length and bookkeeping."""
+
+    micro_batch: int = field(4, help="samples per rank per micro-step")
+    grad_accum: int = field(1, help="micro-steps per optimizer step")
+    epochs: int = field(1, help="passes over the data")
+    max_steps: int | None = field(None, help="stop after this many optimizer steps (overrides epochs)")
+    seed: int = field(10, help="seed of init, shuffling and dropout")
+    precision: Literal["fp32", "bf16"] = field(
+        "bf16", help="training precision (bf16 keeps fp32 master weights)"
+    )
+    zero_stage: int = field(1, help="DeepSpeed ZeRO stage 0-3")
+    offload: bool = field(False, help="offload optimizer state to CPU (ZeRO >= 1)")
+    max_nan_skips: int = field(10, help="stop the run after this many skipped non-finite steps")
+    log_every: int = field(1, help="optimizer steps between metric records")
+
+    def validate(self) -> None:
+        if self.micro_batch < 1 or self.grad_accum < 1 or self.epochs < 1:
+            raise ValueError("train.micro_batch, train.grad_accum and train.epochs must be >= 1")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+
+
+@dataclass
+class OutputConfig:
+    """Checkpoints, export and metrics."""
+
+    dir: str = field(
+        "runs/student", help="run directory: checkpoints/, export/, metrics.jsonl, tensorboard/, plots"
+    )
+    save_every: int = field(0, help="optimizer steps between checkpoints (0 = only at the end)")
+    resume: bool = field(True, help="resume from the latest checkpoint in dir/checkpoints when there is one")
+    export: bool = field(True, help="write an HF-format student (+ projectors) to dir/export at the end")
+
+
+@dataclass
+class TrainConfig:
+    """A student run: model, data, objective, optimizer, loop, outputs."""
+
+    student: StudentConfig = field(default_factory=StudentConfig, help="the student")
+    lora: LoraConfig = field(default_factory=LoraConfig, help="LoRA (peft)")
+    data: DataSection = field(default_factory=DataSection, help="training rows")
+    objective: dict[str, Any] = field(
+        default_factory=lambda: {"preset": "dwa_kd"}, help="ObjectiveConfig: `preset` plus overrides"
+    )
+    optim: OptimConfig = field(default_factory=OptimConfig, help="optimizer and schedule")
+    train: TrainLoop = field(default_factory=TrainLoop, help="loop")
+    output: OutputConfig = field(default_factory=OutputConfig, help="outputs")
+
+    def validate(self) -> None:
+        self.objective_config()  # raises on unknown keys / bad values
+        if self.objective_config().needs_teacher and not self.data.cache:
+            raise ValueError(
+                f"objective {self.objective_config().method!r} needs a teacher cache: set data.cache "
+                "(build one with `python -m teacher_cache.job`), or use objective.preset=sft"
+            )
+        if not self.data.cache and not self.data.sft_path:
+            raise ValueError("set data.cache (distillation) or data.sft_path (SFT without a teacher)")
+
+    def objective_config(self) -> ObjectiveConfig:
+        return ObjectiveConfig.from_dict(dict(self.objective))
+
+    def deepspeed_config(self, world_size: int) -> dict:
+        """The DeepSpeed dict, derived: batch sizes, ZeRO stage, offload, precision, clipping."""
+        t = self.train
+        zero: dict[str, Any] = {"stage": t.zero_stage}
+        if t.offload and t.zero_stage >= 1:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        if t.zero_stage == 3:
+            zero["stage3_gather_16bit_weights_on_model_save"] = True
+        return {
+            "train_micro_batch_size_per_gpu": t.micro_batch,
+            "gradient_accumulation_steps": t.grad_accum,
+            "train_batch_size": t.micro_batch * t.grad_accum * world_size,
+            "gradient_clipping": self.optim.clip_grad,
+            "zero_optimization": zero,
+            "bf16": {"enabled": t.precision == "bf16"},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }

@@ -1,0 +1,212 @@
+"""Streaming the teacher cache into student batches.
+
+Order is a pure function of (seed, epoch, rank, world size): each rank owns the cache shards
+``rank, rank + world, ...`` (no overlap, no gap); shard order is permuted per epoch and rows are shuffled
+inside windows of ``shuffle_buffer`` rows, so only a window of rows is ever decoded at once. Every rank
+yields the same number of batches per epoch (the smallest rank's count; the rest is dropped and counted),
+which keeps collectives in step. The data cursor ``(epoch, batches consumed in that epoch)`` fully
+determines the next batch, so a resumed run continues exactly where it stopped.
+
+DataLoader workers split a rank's batches round-robin (batch ``j`` is built by worker ``j % workers``),
+which is the order the DataLoader returns them in; each worker opens only the shards it needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.tokenize import tokenize_pair
+from teacher_cache.format import CachedRow
+
+IGNORE = -100
+
+
+@dataclass
+class DistillBatch:
+    """One micro-batch, student and teacher side of the same samples in the same order.
+
+    Student (``n`` = longest student sequence in the batch minus one):
+        input_ids ``[B, n]`` long, right-padded with the pad id; attention_mask ``[B, n]``;
+        position_ids ``[B, n]`` (0..n-1); labels ``[B, n]`` long, ``-100`` on prompt and pad positions
+        (position ``|p|-1`` predicts the first response token, METHOD.md §1).
+    Teacher (``m`` = longest teacher sequence minus one; absent for SFT without a cache):
+        t_input_ids ``[B, m]`` long; t_labels ``[B, m]`` long (-100 outside the response); t_mask
+        ``[B, m]`` (1 on real positions); t_hidden ``[B, m, d_T]`` float32 cached final hidden states
+        (zeros on pad rows).
+    sample_ids: the B cache keys.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    sample_ids: list[str]
+    t_input_ids: torch.Tensor | None = None
+    t_labels: torch.Tensor | None = None
+    t_mask: torch.Tensor | None = None
+    t_hidden: torch.Tensor | None = None
+
+    @property
+    def num_label_tokens(self) -> int:
+        return int(self.labels.ne(IGNORE).sum())
+
+    def to(self, device) -> DistillBatch:
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        return DistillBatch(**moved)
+
+
+def _labels_for(ids: np.ndarray, response_start: int) -> np.ndarray:
+    """Next-token labels of ``ids[:-1]``: ``ids[1:]`` with prompt targets masked (first valid at |p|-1)."""
+    labels = ids[1:].astype(np.int64).copy()
+    labels[: max(0, response_start - 1)] = IGNORE
+    return labels
+
+
+def collate(
+    rows: list,
+    tokenizer,
+    *,
+    pad_id: int,
+    eos_id: int,
+    max_prompt_length: int,
+    max_length: int,
+    with_teacher: bool,
+) -> DistillBatch:
+    """Student-tokenise rows (CachedRow or Record) and pad both sides into a :class:`DistillBatch`."""
+    s_ids, s_labels = [], []
+    for r in rows:
+        t = tokenize_pair(
+            tokenizer,
+            r.prompt,
+            r.response,
+            max_prompt_length=max_prompt_length,
+            max_length=max_length,
+            eos_id=eos_id,
+        )
+        if len(t.input_ids) < 2:
+            raise ValueError(f"sample {r.sample_id}: fewer than 2 student tokens after truncation")
+        s_ids.append(t.input_ids[:-1].astype(np.int64))
+        s_labels.append(_labels_for(t.input_ids, t.response_start))
+    n = max(len(x) for x in s_ids)
+    bsz = len(rows)
+    input_ids = torch.full((bsz, n), pad_id, dtype=torch.long)
+    labels = torch.full((bsz, n), IGNORE, dtype=torch.long)
+    attn = torch.zeros((bsz, n), dtype=torch.long)
+    for i, (x, y) in enumerate(zip(s_ids, s_labels)):
+        input_ids[i, : len(x)] = torch.from_numpy(x)
+        labels[i, : len(y)] = torch.from_numpy(y)
+        attn[i, : len(x)] = 1
+    batch = DistillBatch(
+        input_ids=input_ids,
+        attention_mask=attn,
+        position_ids=torch.arange(n).expand(bsz, n).contiguous(),
+        labels=labels,
+        sample_ids=[r.sample_id for r in rows],
+    )
+    if not with_teacher:
+        return batch
+    m = max(len(r.input_ids) - 1 for r in rows)
+    d = rows[0].hidden.shape[1]
+    t_ids = torch.zeros((bsz, m), dtype=torch.long)
+    t_labels = torch.full((bsz, m), IGNORE, dtype=torch.long)
+    t_mask = torch.zeros((bsz, m), dtype=torch.long)
+    t_hidden = torch.zeros((bsz, m, d), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        p = len(r.input_ids) - 1
+        t_ids[i, :p] = torch.from_numpy(r.input_ids[:-1].astype(np.int64))
+        t_labels[i, :p] = torch.from_numpy(_labels_for(r.input_ids, r.response_start))
+        t_mask[i, :p] = 1
+        t_hidden[i, :p] = r.hidden
+    batch.t_input_ids, batch.t_labels, batch.t_mask, batch.t_hidden = t_ids, t_labels, t_mask, t_hidden
+    return batch
+
+
+class Schedule:
+    """The deterministic per-rank sample order of an epoch, computed from shard row counts only (no I/O)."""
+
+    def __init__(
+        self, shard_rows: list[int], rank: int, world: int, micro_batch: int, seed: int, shuffle_buffer: int
+    ):
+        self.shard_rows, self.rank, self.world = shard_rows, rank, world
+        self.micro_batch, self.seed, self.buffer = micro_batch, seed, shuffle_buffer
+        per_rank = [sum(shard_rows[s] for s in range(r, len(shard_rows), world)) for r in range(world)]
+        self.batches_per_epoch = min(per_rank) // micro_batch
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"rank shares of the cache have {per_rank} rows: fewer than one micro-batch of {micro_batch} for "
+                f"some rank with world size {world}; use a smaller micro_batch, fewer ranks, or a cache with more/smaller shards"
+            )
+        self.dropped_per_epoch = sum(per_rank) - self.batches_per_epoch * micro_batch * world
+
+    def order(self, epoch: int) -> list[tuple[int, int]]:
+        """(shard position, row) pairs of this rank for ``epoch``, truncated to whole batches."""
+        mine = list(range(self.rank, len(self.shard_rows), self.world))
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        if self.buffer > 0:
+            mine = [mine[i] for i in rng.permutation(len(mine))]
+        items = [(s, r) for s in mine for r in range(self.shard_rows[s])]
+        if self.buffer > 0:
+            for a in range(0, len(items), self.buffer):
+                window = items[a : a + self.buffer]
+                items[a : a + self.buffer] = [window[i] for i in rng.permutation(len(window))]
+        return items[: self.batches_per_epoch * self.micro_batch]
+
+
+class CacheBatches(torch.utils.data.IterableDataset):
+    """Yields collated :class:`DistillBatch` es of one rank for one epoch, starting at ``start_batch``."""
+
+    def __init__(self, cache, schedule: Schedule, epoch: int, start_batch: int, collate_kw: dict):
+        self.cache, self.schedule, self.epoch, self.start = cache, schedule, epoch, start_batch
+        self.collate_kw = collate_kw
+
+    def __len__(self) -> int:
+        return self.schedule.batches_per_epoch - self.start
+
+    def __iter__(self) -> Iterator[DistillBatch]:
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        order = self.schedule.order(self.epoch)
+        mb = self.schedule.micro_batch
+        tables: dict[int, object] = {}
+        from teacher_cache.format import decode_row
+
+        for j in range(self.start, self.schedule.batches_per_epoch):
+            if (j - self.start) % nw != wid:
+                continue
+            rows: list[CachedRow] = []
+            for s, r in order[j * mb : (j + 1) * mb]:
+                if s not in tables:
+                    if len(tables) > 4:  # keep a handful of memory-mapped shards open
+                        tables.pop(next(iter(tables)))
+                    tables[s] = self.cache.open_shard(s).combine_chunks().to_batches()[0]
+                rows.append(decode_row(tables[s], r, self.cache.hidden_dtype))
+            yield collate(rows, **self.collate_kw)
+
+
+class RecordBatches(torch.utils.data.IterableDataset):
+    """SFT without a cache: the same scheduling over an in-memory list of records (one pseudo-shard each)."""
+
+    def __init__(self, records: list, schedule: Schedule, epoch: int, start_batch: int, collate_kw: dict):
+        self.records, self.schedule, self.epoch, self.start, self.collate_kw = (
+            records,
+            schedule,
+            epoch,
+            start_batch,
+            collate_kw,
+        )
+
+    def __len__(self) -> int:
+        return self.schedule.batches_per_epoch - self.start
+
+    def __iter__(self) -> Iterator[DistillBatch]:
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        order = self.schedule.order(self.epoch)
+        mb = self.schedule.micro_batch
+        for j in range(self.start, self.schedule.batches_per_epoch):
+            if (j - self.start) % nw == wid:
+                yield collate([self.records[s] for s, _ in order[j * mb : (j + 1) * mb]], **self.collate_kw)

@@ -1,0 +1,194 @@
+"""Train a student from a teacher cache (or plain SFT) under DeepSpeed ZeRO.
+
+    deepspeed --num_gpus N student_train/main.py --config configs/train/<x>.yaml [key=value ...]
+    python student_train/main.py --config ... [key=value ...]          # one process
+
+Story: config -> distributed init -> cache and tokenizer -> student and projectors -> data ->
+optimizer and DeepSpeed engine -> resume -> loop -> checkpoint and export. The student job never builds
+the teacher: teacher distributions come from cached hidden states x the cached head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by the deepspeed launcher
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from pipeline.config import config_hash, describe, load_config
+from student_train.config import TrainConfig
+
+
+def parse(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
+    ap = argparse.ArgumentParser(
+        prog="student_train/main.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (override with key=value):\n" + "\n".join(describe(TrainConfig)),
+    )
+    ap.add_argument("--config", help="YAML (configs/train/*.yaml)")
+    ap.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. train.zero_stage=3 lora.enabled=true"
+    )
+    args = ap.parse_args(argv)
+    return load_config(TrainConfig, args.config, args.overrides), args
+
+
+def main(argv=None) -> int:
+    import deepspeed
+
+    from pipeline.records import DataConfig, read_records
+    from pipeline.tokenize import eos_id_of
+    from student_train.data import CacheBatches, RecordBatches, Schedule
+    from student_train.losses.cma import Projectors
+    from student_train.model import Distiller, export_student, load_student, load_student_tokenizer
+    from student_train.trainer import (
+        MetricsLog,
+        cosine_lambda,
+        init_distributed,
+        load_checkpoint,
+        run_steps,
+        save_checkpoint,
+    )
+    from teacher_cache.reader import CacheExpectation, open_cache
+
+    cfg, args = parse(argv)
+    objective = cfg.objective_config()
+    rank, world, _ = init_distributed()
+    torch.manual_seed(cfg.train.seed)
+    out = Path(cfg.output.dir)
+
+    # data source: the teacher cache (validated against what the config expects), or records for SFT
+    cache = None
+    if cfg.data.cache:
+        cache = open_cache(
+            cfg.data.cache,
+            expect=CacheExpectation(
+                teacher_name=cfg.data.expect_teacher, tokenizer_sha256=cfg.data.expect_tokenizer_sha256
+            ),
+        )
+        shard_rows = [s["rows"] for s in cache.shards]
+    else:
+        records = list(read_records(DataConfig(path=cfg.data.sft_path)))
+        shard_rows = [1] * len(records)
+    tok = load_student_tokenizer(cfg)
+    collate_kw = dict(
+        tokenizer=tok,
+        pad_id=tok.pad_token_id,
+        eos_id=eos_id_of(tok, cfg.student.eos_token),
+        max_prompt_length=cfg.student.max_prompt_length,
+        max_length=cfg.student.max_length,
+        with_teacher=objective.needs_teacher,
+    )
+
+    # student, projectors, and the teacher constants (head and embeddings: read-only, never a teacher model)
+    student = load_student(cfg)
+    projectors, t_head, t_emb = None, None, None
+    if objective.needs_teacher:
+        d_s = student.get_input_embeddings().weight.shape[1]
+        projectors = Projectors(d_s, cache.hidden_size, dtw_embed=objective.dtw_enabled)
+        t_head = cache.load_head()[0].float()
+        t_emb = cache.load_embeddings().float()
+    distiller = Distiller(student, projectors, objective, t_head, t_emb)
+
+    # schedule of batches, optimizer with a projector group, cosine LR
+    sched = Schedule(shard_rows, rank, world, cfg.train.micro_batch, cfg.train.seed, cfg.data.shuffle_buffer)
+    steps_per_epoch = sched.batches_per_epoch // cfg.train.grad_accum
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    groups = [{"params": [p for p in student.parameters() if p.requires_grad], "lr": cfg.optim.lr}]
+    if projectors is not None:
+        groups.append({"params": list(projectors.parameters()), "lr": cfg.optim.projector_lr})
+    opt = torch.optim.AdamW(
+        groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+    )
+    lr_fn = cosine_lambda(total_steps, cfg.optim.warmup_steps, cfg.optim.lr, cfg.optim.eta_min)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, [lr_fn] * len(groups))
+    engine, _, _, _ = deepspeed.initialize(
+        model=distiller, optimizer=opt, lr_scheduler=lr_sched, config=cfg.deepspeed_config(world)
+    )
+
+    # resume: the checkpoint must come from the same config and the same cache
+    identity = {
+        "config_hash": config_hash({k: v for k, v in vars(cfg).items() if k != "output"}),
+        "cache_fingerprint": cache.manifest["job_fingerprint"] if cache else None,
+    }
+    ckpt_dir = out / "checkpoints"
+    cursor = load_checkpoint(engine, ckpt_dir, identity) if cfg.output.resume else None
+    from student_train.trainer import Cursor
+
+    cursor = cursor or Cursor()
+    metrics = MetricsLog(out) if rank == 0 else None
+    if metrics is not None:
+        metrics.truncate_after(cursor.step)
+        trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        print(
+            f"[train] {objective.method}: world {world}, micro-batch {cfg.train.micro_batch} x grad-accum "
+            f"{cfg.train.grad_accum} x {world} = global batch {cfg.train.micro_batch * cfg.train.grad_accum * world}; "
+            f"{steps_per_epoch} steps/epoch, {total_steps} steps; {trainable / 1e6:.2f}M trainable params; "
+            f"ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}"
+            + (
+                f"; cache {cache.num_rows} rows, {cache.manifest['stats']['bytes_per_position']:.0f} B/position, "
+                f"{sched.dropped_per_epoch} rows/epoch dropped to keep ranks in step"
+                if cache
+                else ""
+            )
+            + (
+                f"; resuming at step {cursor.step} (epoch {cursor.epoch}, batch {cursor.batch})"
+                if cursor.step
+                else ""
+            ),
+            flush=True,
+        )
+
+    def make_loader(epoch: int, start: int):
+        ds = (
+            CacheBatches(cache, sched, epoch, start, collate_kw)
+            if cache
+            else RecordBatches(records, sched, epoch, start, collate_kw)
+        )
+        return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=cfg.data.num_workers)
+
+    def on_save(c):
+        save_checkpoint(engine, ckpt_dir, c, identity)
+
+    cursor = run_steps(
+        engine,
+        distiller,
+        make_loader,
+        cursor,
+        total_steps=total_steps,
+        grad_accum=cfg.train.grad_accum,
+        batches_per_epoch=sched.batches_per_epoch,
+        seed=cfg.train.seed,
+        max_nan_skips=cfg.train.max_nan_skips,
+        log_every=cfg.train.log_every,
+        save_every=cfg.output.save_every,
+        on_save=on_save,
+        metrics=metrics,
+        progress=not args.no_progress,
+    )
+    on_save(cursor)
+
+    # export: fp32 weights reconstructed from the ZeRO checkpoint (any stage), LoRA merged, projectors beside
+    if cfg.output.export and rank == 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        if cfg.train.zero_stage == 0:
+            state = {k: v.float().cpu() for k, v in engine.module.state_dict().items()}
+        else:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=f"step-{cursor.step:07d}")
+        path = export_student(cfg, state, tok, out / "export")
+        plot = metrics.plot()
+        print(f"[train] done at step {cursor.step}: student -> {path}; curves -> {plot}", flush=True)
+    torch.distributed.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
