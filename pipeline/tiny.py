@@ -177,7 +177,9 @@ def synthetic_tokenizer(out_dir: str | Path, vocab_size: int = 600, kind: str = 
     return fast
 
 
-def tiny_causal_lm(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, seed: int = 0):
+def tiny_causal_lm(
+    arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, seed: int = 0, dropout: float = 0.0
+):
     """A random-init causal LM built from a config object: ``llama``, ``mistral`` or ``gpt2``."""
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig
@@ -206,18 +208,33 @@ def tiny_causal_lm(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2
             sliding_window=None,
         )
     elif arch == "gpt2":
-        conf = GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=1024)
+        conf = GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=4,
+            n_positions=1024,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+        )
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; use llama, mistral or gpt2")
     return AutoModelForCausalLM.from_config(conf)
 
 
 def save_tiny_model(
-    out_dir: str | Path, arch: str, tokenizer, hidden: int = 64, layers: int = 2, seed: int = 0
+    out_dir: str | Path,
+    arch: str,
+    tokenizer,
+    hidden: int = 64,
+    layers: int = 2,
+    seed: int = 0,
+    dropout: float = 0.0,
 ) -> Path:
     """Build a tiny model whose vocabulary covers ``tokenizer`` and save model + tokenizer to ``out_dir``."""
     out_dir = Path(out_dir)
-    model = tiny_causal_lm(arch, len(tokenizer), hidden=hidden, layers=layers, seed=seed)
+    model = tiny_causal_lm(arch, len(tokenizer), hidden=hidden, layers=layers, seed=seed, dropout=dropout)
     if tokenizer.eos_token_id is not None:
         model.config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out_dir)

@@ -55,6 +55,7 @@ class DataSection:
         None, help="refuse a cache built from another teacher (manifest teacher.name)"
     )
     expect_tokenizer_sha256: str | None = field(None, help="refuse a cache whose teacher tokenizer differs")
+    verify_checksums: bool = field(True, help="recompute the sha256 of this rank's shards before training")
     shuffle_buffer: int = field(256, help="rows per seeded shuffle window (0 = no shuffle)")
     num_workers: int = field(0, help="DataLoader workers per rank (each reads its own shards)")
 
@@ -67,6 +68,7 @@ class OptimConfig:
     projector_lr: float = field(1e-3, help="learning rate of the projectors (own parameter group)")
     weight_decay: float = field(0.01, help="AdamW weight decay")
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999], help="AdamW betas")
+    eps: float = field(1e-8, help="AdamW epsilon")
     eta_min: float = field(1e-7, help="cosine schedule floor")
     warmup_steps: int = field(0, help="linear warm-up steps (METHOD: none)")
     clip_grad: float = field(1.0, help="gradient clipping norm (0 = off)")
@@ -133,7 +135,10 @@ class TrainConfig:
             raise ValueError("set data.cache (distillation) or data.sft_path (SFT without a teacher)")
 
     def objective_config(self) -> ObjectiveConfig:
-        return ObjectiveConfig.from_dict(dict(self.objective))
+        # the trainer turns a non-finite loss into a skipped, counted step, so per-input finiteness checks
+        # (one host sync each) are off unless asked for
+        values = {"check_inputs": False, **self.objective}
+        return ObjectiveConfig.from_dict(values)
 
     def deepspeed_config(self, world_size: int) -> dict:
         """The DeepSpeed dict, derived: batch sizes, ZeRO stage, offload, precision, clipping."""

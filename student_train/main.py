@@ -11,6 +11,8 @@ the teacher: teacher distributions come from cached hidden states x the cached h
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import sys
 from pathlib import Path
 
@@ -74,6 +76,8 @@ def main(argv=None) -> int:
             ),
         )
         shard_rows = [s["rows"] for s in cache.shards]
+        if cfg.data.verify_checksums:
+            cache.verify(cache.shard_indices_for(rank, world))
     else:
         records = list(read_records(DataConfig(path=cfg.data.sft_path)))
         shard_rows = [1] * len(records)
@@ -105,7 +109,11 @@ def main(argv=None) -> int:
     if projectors is not None:
         groups.append({"params": list(projectors.parameters()), "lr": cfg.optim.projector_lr})
     opt = torch.optim.AdamW(
-        groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+        groups,
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
     )
     lr_fn = cosine_lambda(total_steps, cfg.optim.warmup_steps, cfg.optim.lr, cfg.optim.eta_min)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, [lr_fn] * len(groups))
@@ -185,6 +193,20 @@ def main(argv=None) -> int:
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=f"step-{cursor.step:07d}")
         path = export_student(cfg, state, tok, out / "export")
         plot = metrics.plot()
+        # the promise of the design, recorded for tests and operators: no Ray, no teacher model here
+        from transformers import PreTrainedModel
+
+        info = {
+            "ray_imported": "ray" in sys.modules,
+            "teacher_loader_imported": "teacher_cache.teacher" in sys.modules,
+            "models_alive": sorted(
+                {type(o).__name__ for o in gc.get_objects() if isinstance(o, PreTrainedModel)}
+            ),
+            "step": cursor.step,
+            "nan_skips": cursor.nan_skips,
+            "tokens": cursor.tokens,
+        }
+        (out / "run_info.json").write_text(json.dumps(info, indent=2))
         print(f"[train] done at step {cursor.step}: student -> {path}; curves -> {plot}", flush=True)
     torch.distributed.barrier()
     return 0

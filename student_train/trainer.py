@@ -190,6 +190,7 @@ def run_steps(
         sums = torch.zeros(len(TERMS) + 1, device=device, dtype=torch.float64)
         window_bad = False
         ids = []
+        lr_used = engine.optimizer.param_groups[0]["lr"]
         for j, b in enumerate(micro):
             torch.manual_seed(seed + 1_000_003 * cursor.step + 1009 * j + rank)  # dropout: exact on resume
             b = b.to(device)
@@ -205,14 +206,18 @@ def run_steps(
                 for k, t in enumerate(TERMS):
                     sums[k + 1] += out.terms[t].double()
             ids.extend(b.sample_ids)
+            # DeepSpeed counts micro-steps in step() and only updates at the accumulation boundary (the last one)
+            if j == len(micro) - 1 and window_bad:
+                # a skipped step: lr 0 leaves the parameters unchanged (Adam moments decay by one step)
+                saved = [g["lr"] for g in engine.optimizer.param_groups]
+                for g in engine.optimizer.param_groups:
+                    g["lr"] = 0.0
+                engine.step()
+                for g, lr in zip(engine.optimizer.param_groups, saved):
+                    g["lr"] = lr
+            else:
+                engine.step()
         if window_bad:
-            # parameters stay unchanged: lr 0 for this step (Adam moments decay by one step)
-            saved = [g["lr"] for g in engine.optimizer.param_groups]
-            for g in engine.optimizer.param_groups:
-                g["lr"] = 0.0
-            engine.step()
-            for g, lr in zip(engine.optimizer.param_groups, saved):
-                g["lr"] = lr
             cursor.nan_skips += 1
             if rank == 0:
                 print(
@@ -224,8 +229,6 @@ def run_steps(
                     f"{cursor.nan_skips} steps had a non-finite loss (limit train.max_nan_skips={max_nan_skips}); "
                     "lower the learning rate, check the data, or use precision=fp32. The last good checkpoint is intact."
                 )
-        else:
-            engine.step()
         cursor.step += 1
         cursor.tokens += int(n_global)
         sums = all_sum(sums)
@@ -238,7 +241,7 @@ def run_steps(
                 **{f"term/{t}": float(sums[k + 1] / max(n_global, 1)) for k, t in enumerate(TERMS)},
                 "tokens": int(n_global),
                 "tokens_per_s": (cursor.tokens - tok_last) / max(now - t_last, 1e-9),
-                "lr": engine.optimizer.param_groups[0]["lr"],
+                "lr": lr_used,
                 "skipped": bool(window_bad),
                 "nan_skips": cursor.nan_skips,
                 "first_sample": ids[0] if ids else None,

@@ -150,9 +150,27 @@ class TeacherCache:
         for s in shards if shards is not None else range(len(self.shards)):
             yield from self.iter_shard(s)
 
-    def verify(self) -> None:
-        """Recompute every shard's and tensor file's sha256 against the manifest (reads everything)."""
+    def check_files(self) -> None:
+        """Cheap completeness check (no reads): every shard and tensor file exists with its manifest size."""
         for entry in self.shards:
+            path = storage.join(self.root, entry["file"])
+            if not storage.exists(self.fs, path):
+                raise CacheError(
+                    f"{self.uri}: shard {entry['file']} listed in the manifest is missing; re-run the cache job to rebuild it"
+                )
+            found = storage.size(self.fs, path)
+            if found != entry["bytes"]:
+                raise CacheError(
+                    f"{self.uri}: shard {entry['file']} has {found} bytes, the manifest says {entry['bytes']}: "
+                    "the file is truncated or was replaced; re-run the cache job to rebuild it"
+                )
+        for name in self.manifest["files"]:
+            if not storage.exists(self.fs, storage.join(self.root, name)):
+                raise CacheError(f"{self.uri}: {name} is missing; re-run the cache job to rebuild it")
+
+    def verify(self, shards: list[int] | None = None) -> None:
+        """Recompute the sha256 of the given shard positions (all by default) and of the tensor files."""
+        for entry in [self.shards[i] for i in shards] if shards is not None else self.shards:
             path = storage.join(self.root, entry["file"])
             if not storage.exists(self.fs, path):
                 raise CacheError(f"{self.uri}: shard {entry['file']} is missing")
@@ -217,6 +235,7 @@ def open_cache(
         raise CacheError(f"{uri}: {MANIFEST} is not valid JSON ({e})") from e
     _check(manifest, expect, uri)
     cache = TeacherCache(uri, manifest)
+    cache.check_files()
     if verify:
         cache.verify()
     return cache

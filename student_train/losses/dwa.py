@@ -290,11 +290,19 @@ def soft_dtw_divergence_batch(
     cost_xx = cosine_cost(xk, xk)
     y_self = yk.detach() if detach_y_self else yk
     cost_yy = cosine_cost(y_self, y_self)
-    values = _kernel_divergence()(cost_xy, cost_xx, cost_yy, gamma, lengths_x=lx, lengths_y=ly)
+    # pairs with a non-finite cost (e.g. a NaN hidden state) are skipped before the kernel, which refuses them
+    ok = torch.stack([c.isfinite().flatten(1).all(1) for c in (cost_xy, cost_xx, cost_yy)]).all(0)
+    n_bad = (~ok).sum()
+    if not bool(ok.any()):
+        return out, n_bad
+    sel = ok.nonzero(as_tuple=True)[0]
+    values = _kernel_divergence()(
+        cost_xy[sel], cost_xx[sel], cost_yy[sel], gamma, lengths_x=lx[sel], lengths_y=ly[sel]
+    )
     values = values.to(out.dtype)
     finite = torch.isfinite(values)
     values = torch.where(finite, values, torch.zeros_like(values))
-    return out.index_put((keep,), values), (~finite).sum()
+    return out.index_put((keep[sel],), values), n_bad + (~finite).sum()
 
 
 @dataclass

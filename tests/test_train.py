@@ -1,0 +1,330 @@
+"""The student job with the real deepspeed launcher (gloo, CPU): invariance, resume, ZeRO-2/3, LoRA, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+DS = str(Path(sys.executable).parent / "deepspeed")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, mistral_tokenizer):
+    """A 40-row cache of a tiny Llama teacher, 2 rows per shard (fine-grained rank splits)."""
+    import ray
+
+    from pipeline.config import load_config
+    from pipeline.tiny import save_tiny_model, synthetic_records, write_jsonl
+    from teacher_cache.job import CacheJobConfig, run
+
+    root = tmp_path_factory.mktemp("train")
+    teacher = save_tiny_model(root / "teacher", "llama", mistral_tokenizer, hidden=64)
+    data = write_jsonl(synthetic_records(40, seed=5), root / "train.jsonl")
+    out = root / "cache"
+    run(
+        load_config(
+            CacheJobConfig,
+            None,
+            [
+                f"data.path={data}",
+                f"teacher.path={teacher}",
+                f"cache.output={out}",
+                "cache.rows_per_shard=2",
+                "cache.hidden_dtype=float32",
+                "ray.batch_size=8",
+            ],
+        ),
+        progress=False,
+    )
+    ray.shutdown()
+    return out
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory, gpt2_tokenizer):
+    from pipeline.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("student"), "gpt2", gpt2_tokenizer, hidden=48, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def student_dropout_dir(tmp_path_factory, gpt2_tokenizer):
+    from pipeline.tiny import save_tiny_model
+
+    return save_tiny_model(
+        tmp_path_factory.mktemp("student_do"), "gpt2", gpt2_tokenizer, hidden=48, dropout=0.1
+    )
+
+
+def _args(student, cache, out, *extra):
+    return [
+        "--no-progress",
+        f"student.path={student}",
+        "student.pad_token=eos",
+        f"data.cache={cache}",
+        "train.precision=fp32",
+        f"output.dir={out}",
+        *extra,
+    ]
+
+
+def _env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def launch(args, world: int, timeout=600, check=True):
+    if world == 1:
+        cmd = [sys.executable, "student_train/main.py", *args]
+    else:
+        port = 29000 + (os.getpid() * 7 + int(time.time() * 1000)) % 2000
+        cmd = [DS, "--num_gpus", str(world), "--master_port", str(port), "student_train/main.py", *args]
+    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return res
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    w = load_file(str(run_dir / "export" / "model.safetensors"))
+    w.update(
+        {"proj." + k: v for k, v in load_file(str(run_dir / "export" / "projectors.safetensors")).items()}
+    )
+    return w
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_same_update_for_any_split_of_the_global_batch(tmp_path, cache_dir, student_dir):
+    """(micro-batch, grad-accum, world) = (4,1,1), (2,2,1), (2,1,2): one DWA-KD step gives the same weights."""
+    # Adam's first step is sign(g) * lr, which flips on tiny gradient differences; with a large eps the update
+    # is ~ lr * g / eps, linear in the gradient, so equal weights mean equal (normalised) gradients.
+    common = [
+        "data.shuffle_buffer=0",
+        "train.max_steps=1",
+        "data.verify_checksums=false",
+        "optim.eps=10.0",
+        "optim.lr=10.0",
+        "optim.projector_lr=10.0",
+        "optim.weight_decay=0.0",
+    ]
+    runs = {
+        "4x1x1": (["train.micro_batch=4", "train.grad_accum=1"], 1),
+        "2x2x1": (["train.micro_batch=2", "train.grad_accum=2"], 1),
+        "2x1x2": (["train.micro_batch=2", "train.grad_accum=1", "train.zero_stage=3"], 2),
+    }
+    weights, losses = {}, {}
+    for name, (extra, world) in runs.items():
+        launch(_args(student_dir, cache_dir, tmp_path / name, *common, *extra), world)
+        weights[name], losses[name] = _weights(tmp_path / name), _metrics(tmp_path / name)[0]["loss"]
+    from safetensors.torch import load_file
+
+    init = load_file(str(student_dir / "model.safetensors"))
+    ref = weights["4x1x1"]
+    moved = max((ref[k] - init[k]).abs().max().item() for k in init)
+    assert moved > 1e-5, "the step did not change the weights: the test would prove nothing"
+    for name in ("2x2x1", "2x1x2"):
+        assert abs(losses[name] - losses["4x1x1"]) < 1e-5 * abs(losses["4x1x1"])
+        for k, v in ref.items():
+            base = init.get(k, torch.zeros_like(v)) if not k.startswith("proj.") else v
+            if k.startswith("proj."):
+                torch.testing.assert_close(weights[name][k], v, rtol=1e-4, atol=1e-6, msg=f"{name}: {k}")
+            else:  # compare the updates, not the weights: equal updates = equal normalised gradients
+                torch.testing.assert_close(
+                    weights[name][k] - base, v - base, rtol=1e-3, atol=1e-7, msg=f"{name}: {k}"
+                )
+
+
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(procs, timeout=30)
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, cache_dir, student_dropout_dir):
+    """Two processes, ZeRO-2, dropout on: kill -9 after a few checkpoints, resume, compare every later step."""
+    extra = [
+        "train.micro_batch=2",
+        "train.max_steps=14",
+        "train.zero_stage=2",
+        "output.save_every=1",
+        "output.export=false",
+    ]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    launch(_args(student_dropout_dir, cache_dir, ref_dir, *extra), 2)
+    port = 31000 + os.getpid() % 1000
+    cmd = [
+        DS,
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(port),
+        "student_train/main.py",
+        *_args(student_dropout_dir, cache_dir, run_dir, *extra),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            if latest.exists() and latest.read_text().strip() >= "step-0000004":
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.02)
+        _kill_tree(proc.pid)
+    finally:
+        proc.wait(timeout=60)
+    killed_at = int(latest.read_text().strip().split("-")[1])
+    assert 4 <= killed_at < 14, killed_at
+    res = launch(_args(student_dropout_dir, cache_dir, run_dir, *extra), 2)
+    assert f"resuming at step {killed_at}" in res.stdout
+    ref, got = _metrics(ref_dir), _metrics(run_dir)
+    assert [r["step"] for r in got] == list(range(1, 15))
+    for a, b in zip(ref[killed_at:], got[killed_at:]):
+        assert a["first_sample"] == b["first_sample"], (a["step"], "a different next batch after resume")
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
+    assert any(r["epoch"] == 1 for r in got), "the run should cross an epoch boundary"
+
+
+@pytest.mark.parametrize("zero,lora", [(2, True), (3, True), (3, False)])
+def test_zero_and_lora_runs_export_loadable_students(tmp_path, cache_dir, student_dir, zero, lora):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    extra = [
+        "train.micro_batch=2",
+        "train.max_steps=3",
+        f"train.zero_stage={zero}",
+        f"lora.enabled={str(lora).lower()}",
+        "lora.r=4",
+        "data.verify_checksums=false",
+    ]
+    launch(_args(student_dir, cache_dir, out, *extra), 2)
+    model = AutoModelForCausalLM.from_pretrained(out / "export")
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(logits).all()
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["ray_imported"] is False and info["teacher_loader_imported"] is False
+    assert all(name.startswith("GPT2") for name in info["models_alive"]), info
+    recs = _metrics(out)
+    assert len(recs) == 3 and all(r["term/dtw_hidden"] != 0 and r["term/kd_teacher"] > 0 for r in recs)
+    assert (out / "loss_curves.png").stat().st_size > 1000 and any((out / "tensorboard").iterdir())
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, cache_dir, student_dir):
+    # a cache from another teacher than the config names
+    res = launch(
+        _args(student_dir, cache_dir, tmp_path / "a", "data.expect_teacher=/models/other"), 1, check=False
+    )
+    assert (
+        res.returncode != 0 and "cache was built for teacher" in res.stderr and "/models/other" in res.stderr
+    )
+    # a student tokenizer without a pad token and no pad_token configured
+    args = [a for a in _args(student_dir, cache_dir, tmp_path / "b") if a != "student.pad_token=eos"]
+    res = launch(args, 1, check=False)
+    assert res.returncode != 0 and "has no pad token; set student.pad_token=eos" in res.stderr
+    # a missing shard, and a corrupt one (same size: only the checksum can tell)
+    bad = tmp_path / "bad"
+    shutil.copytree(cache_dir, bad)
+    (bad / "shards" / "part-00003.arrow").unlink()
+    res = launch(_args(student_dir, bad, tmp_path / "c"), 1, check=False)
+    assert res.returncode != 0 and "part-00003.arrow listed in the manifest is missing" in res.stderr
+    shutil.copy(cache_dir / "shards" / "part-00003.arrow", bad / "shards" / "part-00003.arrow")
+    blob = bytearray((bad / "shards" / "part-00005.arrow").read_bytes())
+    blob[len(blob) // 2] ^= 0x55
+    (bad / "shards" / "part-00005.arrow").write_bytes(bytes(blob))
+    res = launch(_args(student_dir, bad, tmp_path / "d"), 1, check=False)
+    assert res.returncode != 0 and "part-00005.arrow checksum" in res.stderr
+    assert not (tmp_path / "d" / "checkpoints").exists()
+
+
+def _poison(cache_dir: Path, out: Path, sample_rows: int) -> Path:
+    """Copy a cache and set the hidden states of its first rows to NaN (a corrupted teacher output)."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    shutil.copytree(cache_dir, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for i, entry in enumerate(manifest["shards"][: sample_rows // 2]):
+        path = out / entry["file"]
+        table = ipc.open_file(pa.memory_map(str(path))).read_all()
+        col = table.column("hidden").combine_chunks()
+        flat = col.values.values.to_numpy(zero_copy_only=False).copy()
+        flat[:] = np.nan
+        inner = pa.FixedSizeListArray.from_arrays(
+            pa.array(flat, type=col.type.value_type.value_type), col.type.value_type.list_size
+        )
+        new = pa.LargeListArray.from_arrays(col.offsets, inner)
+        table = table.set_column(table.schema.get_field_index("hidden"), table.schema.field("hidden"), new)
+        sink = pa.BufferOutputStream()
+        with ipc.new_file(sink, table.schema) as w:
+            w.write_table(table)
+        data = sink.getvalue().to_pybytes()
+        path.write_bytes(data)
+        manifest["shards"][i].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_nan_losses_are_skipped_counted_and_bounded(tmp_path, cache_dir, student_dir):
+    bad = _poison(cache_dir, tmp_path / "nan-cache", sample_rows=4)
+    common = ["data.shuffle_buffer=0", "train.micro_batch=2", "output.save_every=1"]
+    ok = launch(
+        _args(student_dir, bad, tmp_path / "skip", *common, "train.max_steps=4", "train.max_nan_skips=5"), 1
+    )
+    recs = _metrics(tmp_path / "skip")
+    assert [r["skipped"] for r in recs] == [True, True, False, False]
+    assert recs[-1]["nan_skips"] == 2 and "non-finite loss, step skipped" in ok.stdout
+    from safetensors.torch import load_file
+
+    init = load_file(str(student_dir / "model.safetensors"))
+    assert json.loads((tmp_path / "skip" / "run_info.json").read_text())["nan_skips"] == 2
+    # with a limit of 1 the run stops at the second bad step with a clear message; checkpoints stay loadable
+    res = launch(
+        _args(student_dir, bad, tmp_path / "stop", *common, "train.max_steps=4", "train.max_nan_skips=1"),
+        1,
+        check=False,
+    )
+    assert res.returncode != 0 and "had a non-finite loss (limit train.max_nan_skips=1)" in res.stderr
+    latest = (tmp_path / "stop" / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step-0000001"
+    # that checkpoint is intact and holds the initial weights: a skipped step changes no parameter
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "stop" / "checkpoints"), tag=latest)
+    for k, v in init.items():
+        torch.testing.assert_close(state["student." + k], v, rtol=0, atol=0, msg=k)
