@@ -141,7 +141,9 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
-def synthetic_tokenizer(out_dir: str | Path, vocab_size: int = 600, kind: str = "bytelevel"):
+def synthetic_tokenizer(
+    out_dir: str | Path, vocab_size: int = 600, kind: str = "bytelevel", extra_corpus: list[str] | None = None
+):
     """Train a tiny tokenizer (``bytelevel`` BPE like GPT-2, or ``metaspace`` BPE like Llama) and save it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -163,7 +165,11 @@ def synthetic_tokenizer(out_dir: str | Path, vocab_size: int = 600, kind: str = 
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
     )
-    corpus = synthetic_texts(2000) + [r["prompt"] + r["output"] for r in synthetic_records(300)]
+    corpus = (
+        synthetic_texts(2000)
+        + [r["prompt"] + r["output"] for r in synthetic_records(300)]
+        + list(extra_corpus or [])
+    )
     tk.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tk,
