@@ -156,48 +156,46 @@ class Schedule:
         return items[: self.batches_per_epoch * self.micro_batch]
 
 
-class CacheBatches(torch.utils.data.IterableDataset):
-    """Yields collated :class:`DistillBatch` es of one rank for one epoch, starting at ``start_batch``."""
+class CacheRows:
+    """Row source over a teacher cache: decodes (shard, row) pairs, keeping a few memory-mapped shards open."""
 
-    def __init__(self, cache, schedule: Schedule, epoch: int, start_batch: int, collate_kw: dict):
-        self.cache, self.schedule, self.epoch, self.start = cache, schedule, epoch, start_batch
-        self.collate_kw = collate_kw
+    def __init__(self, cache):
+        self.cache = cache
+        self.tables: dict[int, object] = {}
 
-    def __len__(self) -> int:
-        return self.schedule.batches_per_epoch - self.start
-
-    def __iter__(self) -> Iterator[DistillBatch]:
-        info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        order = self.schedule.order(self.epoch)
-        mb = self.schedule.micro_batch
-        tables: dict[int, object] = {}
+    def get(self, pairs: list[tuple[int, int]]) -> list[CachedRow]:
         from teacher_cache.format import decode_row
 
-        for j in range(self.start, self.schedule.batches_per_epoch):
-            if (j - self.start) % nw != wid:
-                continue
-            rows: list[CachedRow] = []
-            for s, r in order[j * mb : (j + 1) * mb]:
-                if s not in tables:
-                    if len(tables) > 4:  # keep a handful of memory-mapped shards open
-                        tables.pop(next(iter(tables)))
-                    tables[s] = self.cache.open_shard(s).combine_chunks().to_batches()[0]
-                rows.append(decode_row(tables[s], r, self.cache.hidden_dtype))
-            yield collate(rows, **self.collate_kw)
+        rows = []
+        for s, r in pairs:
+            if s not in self.tables:
+                if len(self.tables) > 4:
+                    self.tables.pop(next(iter(self.tables)))
+                self.tables[s] = self.cache.open_shard(s).combine_chunks().to_batches()[0]
+            rows.append(decode_row(self.tables[s], r, self.cache.hidden_dtype))
+        return rows
 
 
-class RecordBatches(torch.utils.data.IterableDataset):
-    """SFT without a cache: the same scheduling over an in-memory list of records (one pseudo-shard each)."""
+class RecordRows:
+    """Row source over in-memory records (SFT without a cache): record ``i`` is pseudo-shard ``i``."""
 
-    def __init__(self, records: list, schedule: Schedule, epoch: int, start_batch: int, collate_kw: dict):
-        self.records, self.schedule, self.epoch, self.start, self.collate_kw = (
-            records,
-            schedule,
-            epoch,
-            start_batch,
-            collate_kw,
-        )
+    def __init__(self, records: list):
+        self.records = records
+
+    def get(self, pairs: list[tuple[int, int]]) -> list:
+        return [self.records[s] for s, _ in pairs]
+
+
+class ScheduledBatches(torch.utils.data.IterableDataset):
+    """Yields collated :class:`DistillBatch` es of one rank for one epoch, starting at ``start_batch``.
+
+    ``source`` is a :class:`CacheRows` (or, for ``with_teacher=False`` only, a :class:`RecordRows`); a
+    teacher cache may also be passed directly.
+    """
+
+    def __init__(self, source, schedule: Schedule, epoch: int, start_batch: int, collate_kw: dict):
+        self.source = source if hasattr(source, "get") else CacheRows(source)
+        self.schedule, self.epoch, self.start, self.collate_kw = schedule, epoch, start_batch, collate_kw
 
     def __len__(self) -> int:
         return self.schedule.batches_per_epoch - self.start
@@ -209,4 +207,7 @@ class RecordBatches(torch.utils.data.IterableDataset):
         mb = self.schedule.micro_batch
         for j in range(self.start, self.schedule.batches_per_epoch):
             if (j - self.start) % nw == wid:
-                yield collate([self.records[s] for s, _ in order[j * mb : (j + 1) * mb]], **self.collate_kw)
+                yield collate(self.source.get(order[j * mb : (j + 1) * mb]), **self.collate_kw)
+
+
+CacheBatches = ScheduledBatches  # the common case: a cache as the source

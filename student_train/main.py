@@ -47,7 +47,7 @@ def main(argv=None) -> int:
 
     from pipeline.records import DataConfig, read_records
     from pipeline.tokenize import eos_id_of
-    from student_train.data import CacheBatches, RecordBatches, Schedule
+    from student_train.data import CacheRows, RecordRows, Schedule, ScheduledBatches
     from student_train.losses.cma import Projectors
     from student_train.model import Distiller, export_student, load_student, load_student_tokenizer
     from student_train.trainer import (
@@ -154,12 +154,10 @@ def main(argv=None) -> int:
             flush=True,
         )
 
+    source = CacheRows(cache) if cache else RecordRows(records)
+
     def make_loader(epoch: int, start: int):
-        ds = (
-            CacheBatches(cache, sched, epoch, start, collate_kw)
-            if cache
-            else RecordBatches(records, sched, epoch, start, collate_kw)
-        )
+        ds = ScheduledBatches(source, sched, epoch, start, collate_kw)
         return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=cfg.data.num_workers)
 
     def on_save(c):

@@ -113,18 +113,25 @@ class TeacherCache:
             raise ValueError(f"rank {rank} out of range for world size {world_size}")
         return list(range(rank, len(self.shards), world_size))
 
-    def open_shard(self, position: int) -> pa.Table:
-        """Open shard number ``position`` (manifest order) as a zero-copy Arrow table."""
-        entry = self.shards[position]
+    def _check_entry(self, entry: dict) -> str:
+        """Existence and size of one shard against the manifest (no read); returns its path."""
         path = storage.join(self.root, entry["file"])
         if not storage.exists(self.fs, path):
-            raise CacheError(f"{self.uri}: shard {entry['file']} listed in the manifest is missing")
+            raise CacheError(
+                f"{self.uri}: shard {entry['file']} listed in the manifest is missing; re-run the cache job to rebuild it"
+            )
         found = storage.size(self.fs, path)
         if found != entry["bytes"]:
             raise CacheError(
                 f"{self.uri}: shard {entry['file']} has {found} bytes, the manifest says {entry['bytes']}: "
-                "the file is truncated or was replaced; rebuild it by re-running the cache job"
+                "the file is truncated or was replaced; re-run the cache job to rebuild it"
             )
+        return path
+
+    def open_shard(self, position: int) -> pa.Table:
+        """Open shard number ``position`` (manifest order) as a zero-copy Arrow table."""
+        entry = self.shards[position]
+        path = self._check_entry(entry)
         try:
             src = pa.memory_map(path, "r") if self.local else self.fs.open_input_file(path)
             table = ipc.open_file(src).read_all()
@@ -153,17 +160,7 @@ class TeacherCache:
     def check_files(self) -> None:
         """Cheap completeness check (no reads): every shard and tensor file exists with its manifest size."""
         for entry in self.shards:
-            path = storage.join(self.root, entry["file"])
-            if not storage.exists(self.fs, path):
-                raise CacheError(
-                    f"{self.uri}: shard {entry['file']} listed in the manifest is missing; re-run the cache job to rebuild it"
-                )
-            found = storage.size(self.fs, path)
-            if found != entry["bytes"]:
-                raise CacheError(
-                    f"{self.uri}: shard {entry['file']} has {found} bytes, the manifest says {entry['bytes']}: "
-                    "the file is truncated or was replaced; re-run the cache job to rebuild it"
-                )
+            self._check_entry(entry)
         for name in self.manifest["files"]:
             if not storage.exists(self.fs, storage.join(self.root, name)):
                 raise CacheError(f"{self.uri}: {name} is missing; re-run the cache job to rebuild it")

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _procs import kill_tree
 
 from pipeline.config import load_config
 from teacher_cache.format import HIDDEN_DTYPES, MANIFEST, decode_hidden, encode_hidden
@@ -229,18 +228,6 @@ def _write_yaml(path: Path, data: Path, teacher: Path, out: Path, rows_per_shard
     return path
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a process and every descendant (the in-process Ray cluster's gcs, raylet and workers)."""
-    import psutil
-
-    root = psutil.Process(pid)
-    procs = [root, *root.children(recursive=True)]
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(procs, timeout=30)
-
-
 def test_kill_and_resume_completes_without_duplicates(tmp_path, mistral_tokenizer):
     """SIGKILL a real job (driver and its local Ray cluster) after some shards, resume, check the whole cache."""
     from pipeline.tiny import save_tiny_model, synthetic_records, write_jsonl
@@ -262,7 +249,7 @@ def test_kill_and_resume_completes_without_duplicates(tmp_path, mistral_tokenize
                 break
             assert proc.poll() is None, "the job ended before it could be killed"
             time.sleep(0.05)
-        _kill_tree(proc.pid)
+        kill_tree(proc.pid)
     finally:
         proc.wait(timeout=60)
     written = len(list((out / "shards").glob("part-*.arrow.json")))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _procs import kill_tree
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -157,18 +157,6 @@ def test_same_update_for_any_split_of_the_global_batch(tmp_path, cache_dir, stud
                 )
 
 
-def _kill_tree(pid: int) -> None:
-    import psutil
-
-    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            continue
-    psutil.wait_procs(procs, timeout=30)
-
-
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, cache_dir, student_dropout_dir):
     """Two processes, ZeRO-2, dropout on: kill -9 after a few checkpoints, resume, compare every later step."""
     extra = [
@@ -206,7 +194,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, cache_dir
                 break
             assert proc.poll() is None, "the run ended before it could be killed"
             time.sleep(0.02)
-        _kill_tree(proc.pid)
+        kill_tree(proc.pid)
     finally:
         proc.wait(timeout=60)
     killed_at = int(latest.read_text().strip().split("-")[1])
