@@ -373,3 +373,45 @@ def test_objective_from_cache_equals_objective_with_live_teacher(cache_dir, teac
                 cached.terms[k], live.terms[k], rtol=1e-5, atol=1e-5, msg=f"{preset}: {k}"
             )
         assert cached.terms["kd_teacher"] > 0
+
+
+def test_schedule_and_loader_workers_partition_the_data(cache_dir, student_dir):
+    """Ranks get disjoint rows covering the cache (minus the counted drop); workers and resume keep the order."""
+    from transformers import AutoTokenizer
+
+    from pipeline.tokenize import eos_id_of
+    from student_train.data import IGNORE, Schedule, ScheduledBatches
+    from teacher_cache.reader import open_cache
+
+    cache = open_cache(str(cache_dir))
+    rows = [s["rows"] for s in cache.shards]
+    for world in (1, 2, 3):
+        scheds = [Schedule(rows, r, world, 2, seed=7, shuffle_buffer=8) for r in range(world)]
+        orders = [s.order(epoch=0) for s in scheds]
+        flat = [x for o in orders for x in o]
+        assert len(flat) == len(set(flat)) == sum(rows) - scheds[0].dropped_per_epoch
+        assert all(len(o) == len(orders[0]) for o in orders)  # ranks stay in step
+        assert {s for s, _ in orders[0]} <= set(cache.shard_indices_for(0, world))
+    s = Schedule(rows, 0, 1, 2, seed=7, shuffle_buffer=8)
+    assert s.order(0) == Schedule(rows, 0, 1, 2, seed=7, shuffle_buffer=8).order(0) != s.order(1)
+
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    tok.pad_token = tok.eos_token
+    kw = dict(
+        tokenizer=tok,
+        pad_id=tok.pad_token_id,
+        eos_id=eos_id_of(tok),
+        max_prompt_length=256,
+        max_length=512,
+        with_teacher=True,
+    )
+    plain = [b.sample_ids for b in ScheduledBatches(cache, s, 0, 0, kw)]
+    loader = torch.utils.data.DataLoader(ScheduledBatches(cache, s, 0, 0, kw), batch_size=None, num_workers=2)
+    assert [b.sample_ids for b in loader] == plain
+    assert [b.sample_ids for b in ScheduledBatches(cache, s, 0, 5, kw)] == plain[5:]
+    b = next(iter(ScheduledBatches(cache, s, 0, 0, kw)))
+    for i in range(b.labels.shape[0]):  # the last prompt position predicts the first response token
+        row_valid = b.labels[i].ne(IGNORE).nonzero().flatten()
+        assert row_valid.numel() > 0 and (row_valid.diff() == 1).all()
+        t_valid = b.t_labels[i].ne(IGNORE).nonzero().flatten()
+        assert b.t_mask[i, t_valid].all() and (b.t_hidden[i, b.t_mask[i] == 0] == 0).all()
