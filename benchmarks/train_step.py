@@ -76,6 +76,7 @@ def build_cache(records: int, out: Path, max_length: int) -> Path:
             f"data.max_records={records}",
             f"cache.output={out}",
             f"cache.max_length={max_length}",
+            f"cache.max_prompt_length={max_length // 2}",
             "cache.rows_per_shard=16",
             "ray.cpus_per_actor=2",
         ],

@@ -35,7 +35,9 @@ def test_student_train_never_imports_ray():
         assert "ray" not in _imports(path), path
 
 
-@pytest.mark.parametrize("module", ["pipeline.config", "pipeline.records", "pipeline.tokenize", "teacher_cache.reader"])
+@pytest.mark.parametrize(
+    "module", ["pipeline.config", "pipeline.records", "pipeline.tokenize", "teacher_cache.reader"]
+)
 def test_modules_do_not_pull_ray_or_deepspeed_at_import(module):
     code = f"import sys, {module}; bad = [m for m in ('ray', 'deepspeed') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
