@@ -130,8 +130,9 @@ def main() -> int:
     )
     sets_yaml = "[" + ",".join(f"{{name: {n}, path: {p}}}" for n, p in sets) + "]"
     results: dict[str, list[dict]] = {}
-    for method in args.methods.split(","):
-        for seed in [int(s) for s in args.seeds.split(",")]:
+    # seeds outer, methods inner: a run cut short still has every method at the same seeds
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for method in args.methods.split(","):
             run = work / f"{method}-seed{seed}-lr{args.lr:g}-ep{args.epochs}"
             t = time.time()
             if not (run / "export" / "config.json").exists():
@@ -156,7 +157,7 @@ def main() -> int:
                         f"output.dir={run}",
                         "output.save_every=0",
                     ],
-                    run.with_suffix(".train.log"),
+                    run.parent / f"{run.name}.train.log",
                 )
             t_train = time.time() - t
             evdir = run / ("eval-select" if args.select else "eval")
@@ -176,7 +177,7 @@ def main() -> int:
                         f"output={evdir}",
                         "batch_size=25",
                     ],
-                    run.with_suffix(".eval.log"),
+                    run.parent / f"{run.name}.eval.log",
                 )
             m = json.loads((evdir / "metrics.json").read_text())
             m["train_seconds"] = t_train

@@ -139,6 +139,21 @@ def main(argv: list[str] | None = None) -> int:
             alignment_picture(runs["dwa_kd"] / "export", str(out / "cache"), out / "alignment.png")
         )
     pictures += [r / "loss_curves.png" for r in runs.values()]
+    from pipeline.analysis import analyse, box_plot
+
+    structure = analyse(str(out / "cache"), {m: str(r / "export") for m, r in runs.items()}, samples=48)
+    pictures.append(box_plot(structure, out / "structure.png"))
+    stages.append(
+        (
+            "structure analysis (App. B)",
+            ", ".join(
+                f"{m}: cos {sum(v['cos']) / max(len(v['cos']), 1):.3f}, prod {sum(v['prod']) / max(len(v['prod']), 1):.3f}"
+                for m, v in structure.items()
+            )
+            + " (distance to teacher, lower = closer)",
+            0.0,
+        )
+    )
 
     print("\n| stage | result | seconds |\n|---|---|---|")
     for name, what, sec in stages:

@@ -243,6 +243,9 @@ def save_tiny_model(
     model = tiny_causal_lm(arch, len(tokenizer), hidden=hidden, layers=layers, seed=seed, dropout=dropout)
     if tokenizer.eos_token_id is not None:
         model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.bos_token_id = (
+        tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
