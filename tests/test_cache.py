@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -306,7 +307,7 @@ def test_ray_job_submit_against_a_local_head(tmp_path, synthetic_jsonl, tiny_lla
             "--dashboard-host=127.0.0.1",
             "--num-cpus=2",
             "--include-dashboard=true",
-            f"--temp-dir={tmp_path / 'ray'}",
+            f"--temp-dir={tempfile.mkdtemp(prefix='ray', dir='/tmp')}",  # short: AF_UNIX paths <= 107 bytes
         ],
         env=env,
         capture_output=True,
