@@ -202,6 +202,37 @@ def time_size(
     return times, others
 
 
+def time_dp_only(n: int, reps: int) -> dict[str, float]:
+    """DP alone on a fixed cost matrix (no cost-matrix work): our forward, our forward + backward, tslearn's
+    forward + backward. Medians in seconds, interleaved."""
+    from tslearn.metrics import SoftDTWLossPyTorch
+
+    x, y = _inputs(n, n)
+    cost = cosine_cost(x, y).detach()
+    tslearn_loss = SoftDTWLossPyTorch(gamma=GAMMA, dist_func=lambda a, b: a)
+
+    def ours_fwd():
+        soft_dtw(cost.clone().requires_grad_(), GAMMA, backend="numba")
+
+    def ours_fwd_bwd():
+        soft_dtw(cost.clone().requires_grad_(), GAMMA, backend="numba").sum().backward()
+
+    def tslearn_fwd_bwd():
+        c = cost.clone().requires_grad_()
+        tslearn_loss(c, c).sum().backward()
+
+    fns = {"numba fwd": ours_fwd, "numba fwd+bwd": ours_fwd_bwd, "tslearn fwd+bwd": tslearn_fwd_bwd}
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(max(reps, 5) * 3):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 # ------------------------------------------------------------------------------------------ accuracy
 
 
@@ -364,14 +395,29 @@ def main() -> None:
     for label, a, b in ratios:
         cells = [f"{m[a] / m[b]:.2f}" if a in m and b in m else "-" for m in med.values()]
         print(f"| {label} | " + " | ".join(cells) + " |")
+    print("\n## DP only (fixed cost matrix, no cost-matrix work), median ms\n")
+    print(
+        "| N | numba fwd | numba bwd | bwd / fwd (G7 <= 0.5) | numba fwd+bwd | tslearn fwd+bwd | tslearn / numba |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for n in args.sizes:
+        dp = time_dp_only(n, args.reps)
+        fwd, both, ts = dp["numba fwd"], dp["numba fwd+bwd"], dp["tslearn fwd+bwd"]
+        print(
+            f"| {n} | {fwd * 1e3:.2f} | {(both - fwd) * 1e3:.2f} | {(both - fwd) / fwd:.2f} | {both * 1e3:.2f} | "
+            f"{ts * 1e3:.2f} | {ts / both:.1f} |"
+        )
     sizes = sorted(med)
     for lo, hi in zip(sizes, sizes[1:]):
         if "numba" in med[lo] and "numba" in med[hi]:
             print(f"\nscaling numba N={lo}->{hi}: {med[hi]['numba'] / med[lo]['numba']:.2f}x")
 
-    print(f"\n## fp32 gradient error vs float64, N = M = {args.grad_n}, gamma = {GAMMA} (max|dg| / max|g|)\n")
-    for key, val in gradient_error(args.grad_n).items():
-        print(f"- {key}: {val:.3g}" if isinstance(val, float) else f"- {key}: {val}")
+    for gamma in (GAMMA, 1e-3):
+        print(
+            f"\n## fp32 gradient error vs float64, N = M = {args.grad_n}, gamma = {gamma} (max|dg| / max|g|)\n"
+        )
+        for key, val in gradient_error(args.grad_n, gamma).items():
+            print(f"- {key}: {val:.3g}" if isinstance(val, float) else f"- {key}: {val}")
 
     if not args.no_memory:
         n = max(args.sizes)

@@ -1,15 +1,17 @@
 """Fast Soft-DTW (Cuturi & Blondel 2017) on precomputed cost matrices, with a hand-written backward.
 
-Layering (docs SOFT_DTW.md §5.1): the cost matrix ``C`` (cosine distance plus the band penalty) is built in
-torch, where autograd differentiates it; this module maps ``C [B, N, M] -> values [B]`` through one
-``torch.autograd.Function`` whose backward is the expected-alignment recursion ``E = d sdtw / d C``.
+Layering (design notes: shared/docs/SOFT_DTW.md §5): the cost matrix ``C`` (cosine distance plus the band
+penalty) is built in torch, where autograd differentiates it; this module maps ``C [B, N, M] -> values [B]``
+through one ``torch.autograd.Function`` whose backward is the expected-alignment recursion
+``E = d sdtw / d C``. The divergence runs its three DPs as ``3B`` pairs of that same single call.
+Measured figures: docs/BENCHMARKS_SOFT_DTW.md (``benchmarks/soft_dtw.py``).
 
 Numerics, identical on every backend:
 
 * finite sentinel ``SENTINEL = 1e10`` for the ``+inf`` borders (no ``inf - inf`` special cases);
 * the forward stores the three soft-min weights of every cell; the backward is the exp-free sum
-  ``E[i, j] = sum over successors s of w_s(toward (i, j)) * E[s]`` (SOFT_DTW.md §5.1.3: ~10x more
-  accurate in float32 than recomputing the weights from ``R``, and cheaper);
+  ``E[i, j] = sum over successors s of w_s(toward (i, j)) * E[s]`` (~10x more accurate in float32 than
+  recomputing the weights from ``R``, and cheaper);
 * denormal guards inside the kernels: a weight whose exponent ``(min - R_k) / gamma`` is below -60 is 0, and
   ``|E| < 1e-30`` is flushed to 0, so the gradient never holds float32 denormals (they make the ``bmm``
   backward of the cost matrix crawl);
@@ -21,7 +23,8 @@ Backends (``backend=``):
   processed in strips of ``lanes`` rows with a skewed (anti-diagonal) step: at step ``t`` lane ``r`` owns
   cell ``(i0 + r, t - r)``; the lanes of a step are independent, so the soft-min of a whole step is one SIMD
   loop (hand-written float32 ``exp``/``log`` polynomials so LLVM can vectorise them; numba has no vector
-  math library). The strip hands its last row to the next strip through a row buffer.
+  math library). The strip hands its last row to the next strip through a row buffer. Weight buffers
+  (12 B per cell) are recycled through a small pool once the autograd graph that owns them is freed.
 * ``"torch"``: a pure-PyTorch anti-diagonal wavefront over a skewed copy of ``C`` with the same stored
   weights and exp-free backward. Runs on any device; dispatch-bound (about 10 small ops per diagonal).
 * ``"triton"`` (CUDA): one program per pair, the whole wavefront in one launch (a loop over diagonals
