@@ -52,6 +52,18 @@ def pool_words(hidden: torch.Tensor, ids: np.ndarray, n_words: int) -> torch.Ten
     return out / count.clamp_min(1)[:, None]
 
 
+def student_states(model, tok, row):
+    """Student tokenisation of a cached row (METHOD.md §1) and the student's final hidden states ``[L-1, d_S]``."""
+    from pipeline.tokenize import eos_id_of, tokenize_pair
+
+    t = tokenize_pair(
+        tok, row.prompt, row.response, max_prompt_length=256, max_length=512, eos_id=eos_id_of(tok)
+    )
+    with torch.no_grad():
+        out = model(torch.from_numpy(t.input_ids[None, :-1].astype(np.int64)), output_hidden_states=True)
+    return t, out.hidden_states[-1][0]
+
+
 def structure_distances(h_s: torch.Tensor, h_t: torch.Tensor) -> tuple[float, float]:
     """(cosine-structure distance, product-structure distance) between two ``[n, d_*]`` sequences."""
 
@@ -73,7 +85,6 @@ def analyse(cache_uri: str, students: dict[str, str], samples: int = 64) -> dict
     """Per-sample structure distances of each student to the cached teacher."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.tokenize import eos_id_of, tokenize_pair
     from teacher_cache.reader import open_cache
 
     cache = open_cache(cache_uri)
@@ -89,13 +100,7 @@ def analyse(cache_uri: str, students: dict[str, str], samples: int = 64) -> dict
         res = {"cos": [], "prod": []}
         for r in rows:
             text = r.prompt + r.response
-            t = tokenize_pair(
-                tok, r.prompt, r.response, max_prompt_length=256, max_length=512, eos_id=eos_id_of(tok)
-            )
-            with torch.no_grad():
-                hs = model(
-                    torch.from_numpy(t.input_ids[None, :-1].astype(np.int64)), output_hidden_states=True
-                ).hidden_states[-1][0]
+            t, hs = student_states(model, tok, r)
             ws = word_ids(t.offsets[:-1], text, len(r.prompt))
             wt = word_ids(r.offsets[:-1], text, len(r.prompt))
             n = int(min(ws.max(initial=-1), wt.max(initial=-1))) + 1  # words both sides reached (truncation)

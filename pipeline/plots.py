@@ -23,7 +23,7 @@ def alignment_picture(
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.tokenize import eos_id_of, tokenize_pair
+    from pipeline.analysis import student_states
     from student_train.kernels import soft_dtw
     from teacher_cache.reader import open_cache
 
@@ -33,13 +33,7 @@ def alignment_picture(
     tok = AutoTokenizer.from_pretrained(export_dir)
     model = AutoModelForCausalLM.from_pretrained(export_dir).eval()
     proj = load_file(str(export_dir / "projectors.safetensors"))
-    t = tokenize_pair(
-        tok, row.prompt, row.response, max_prompt_length=256, max_length=512, eos_id=eos_id_of(tok)
-    )
-    with torch.no_grad():
-        hs = model(
-            torch.from_numpy(t.input_ids[None, :-1].astype(np.int64)), output_hidden_states=True
-        ).hidden_states[-1][0]
+    t, hs = student_states(model, tok, row)
     s_rows = slice(max(t.response_start - 1, 0), len(t.input_ids) - 1)
     t_rows = slice(max(row.response_start - 1, 0), len(row.input_ids) - 1)
     x = hs[s_rows]
