@@ -9,6 +9,12 @@ Every method trains on the same rows for the same number of steps; only the obje
 seed differ. Hyper-parameters are chosen on the held-out slice of Dolly dev (--select), never on a test
 set. Evaluation: sampled generation (DSKD protocol) on Dolly test and S-NI, ROUGE-L and bits-per-byte.
 Results: mean and std over training seeds, as a markdown table and JSON (--out).
+
+Two-stage protocol (--warm-start-epochs E): the paper distils into *pretrained* students. With no pretrained
+GPT-2 offline, the student is first trained by plain SFT for E epochs on the same rows (training seed 0, one
+shared run), and every method then starts from that warmed student; the comparison is the second stage.
+--set KEY=VALUE (repeatable) adds training overrides to every KD method (e.g. objective.lambda_ce=1.0)
+and to the run names, so ablations never overwrite the main runs.
 """
 
 from __future__ import annotations
@@ -56,6 +62,19 @@ def main() -> int:
     ap.add_argument("--student-layers", type=int, default=4)
     ap.add_argument(
         "--student-init", default=None, help="HF dir of a pretrained student with another tokenizer"
+    )
+    ap.add_argument(
+        "--warm-start-epochs",
+        type=int,
+        default=0,
+        help="first SFT the random-init student for this many epochs (seed 0); all methods start there",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="training override for the KD methods (repeatable), e.g. objective.lambda_ce=1.0",
     )
     ap.add_argument("--eval-samples", type=int, default=100, help="prompts per test set")
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -120,6 +139,45 @@ def main() -> int:
             dropout=0.1,
         )
 
+    def train(run: Path, method: str, seed: int, init: Path, epochs: int, extra: list[str]) -> None:
+        sh(
+            [
+                py,
+                "student_train/main.py",
+                "--no-progress",
+                "--config",
+                "configs/train/smollm2_gpt2_dolly_dwa_kd.yaml",
+                f"student.path={init}",
+                f"data.cache={cache}",
+                f"objective.preset={method}",
+                f"student.max_length={args.max_length}",
+                f"student.max_prompt_length={args.max_length // 2}",
+                f"train.seed={seed}",
+                f"train.epochs={epochs}",
+                f"train.micro_batch={args.micro_batch}",
+                f"optim.lr={args.lr}",
+                "train.zero_stage=0",
+                "data.verify_checksums=false",
+                f"output.dir={run}",
+                "output.save_every=0",
+                *extra,
+            ],
+            run.parent / f"{run.name}.train.log",
+        )
+
+    warm_tag = set_tag = ""
+    if args.warm_start_epochs:
+        warm = work / f"warm-sft-seed0-lr{args.lr:g}-ep{args.warm_start_epochs}"
+        if not (warm / "export" / "config.json").exists():
+            t = time.time()
+            train(warm, "sft", 0, student_init, args.warm_start_epochs, [])
+            print(f"warm-start student ready ({time.time() - t:.0f} s): {warm / 'export'}", flush=True)
+        student_init = warm / "export"
+        warm_tag = f"-warm{args.warm_start_epochs}"
+    overrides = [o.strip() for o in args.set]
+    if overrides:
+        set_tag = "-" + "-".join(o.split(".")[-1].replace("=", "") for o in overrides)
+
     sets = (
         [("heldout", str(work / "heldout.jsonl"))]
         if args.select
@@ -133,32 +191,15 @@ def main() -> int:
     # seeds outer, methods inner: a run cut short still has every method at the same seeds
     for seed in [int(s) for s in args.seeds.split(",")]:
         for method in args.methods.split(","):
-            run = work / f"{method}-seed{seed}-lr{args.lr:g}-ep{args.epochs}"
+            extra = overrides if method != "sft" else []
+            # SFT runs ignore --set, so they are shared with the main comparison
+            run = (
+                work
+                / f"{method}-seed{seed}-lr{args.lr:g}-ep{args.epochs}{warm_tag}{set_tag if extra else ''}"
+            )
             t = time.time()
             if not (run / "export" / "config.json").exists():
-                sh(
-                    [
-                        py,
-                        "student_train/main.py",
-                        "--no-progress",
-                        "--config",
-                        "configs/train/smollm2_gpt2_dolly_dwa_kd.yaml",
-                        f"student.path={student_init}",
-                        f"data.cache={cache}",
-                        f"objective.preset={method}",
-                        f"student.max_length={args.max_length}",
-                        f"student.max_prompt_length={args.max_length // 2}",
-                        f"train.seed={seed}",
-                        f"train.epochs={args.epochs}",
-                        f"train.micro_batch={args.micro_batch}",
-                        f"optim.lr={args.lr}",
-                        "train.zero_stage=0",
-                        "data.verify_checksums=false",
-                        f"output.dir={run}",
-                        "output.save_every=0",
-                    ],
-                    run.parent / f"{run.name}.train.log",
-                )
+                train(run, method, seed, student_init, args.epochs, extra)
             t_train = time.time() - t
             evdir = run / ("eval-select" if args.select else "eval")
             if not (evdir / "metrics.json").exists():

@@ -38,6 +38,7 @@ from teacher_cache.format import (
     MANIFEST,
     SCHEMA_VERSION,
     SHARD_DIR,
+    TEACHER_INFO,
 )
 from teacher_cache.teacher import TeacherConfig
 from teacher_cache.writer import finished_shard, write_manifest, write_shard
@@ -142,14 +143,27 @@ class Tokenize:
 class TeacherForward:
     """Stage 2: one teacher copy per actor; hidden states and head statistics for a padded batch."""
 
-    def __init__(self, teacher: TeacherConfig, top_k: int, hidden_dtype: str, head_chunk: int, threads: int):
+    def __init__(
+        self,
+        teacher: TeacherConfig,
+        top_k: int,
+        hidden_dtype: str,
+        head_chunk: int,
+        threads: int,
+        uri: str,
+        probe_ids: list[list[int]],
+    ):
         import torch
 
         from teacher_cache.teacher import load_teacher
 
         torch.set_num_threads(max(1, threads))
+        model = load_teacher(teacher)
+        # the teacher is described (probe check, head/embedding files, fingerprint) by the copy that
+        # serves the forward, so the job loads it once, not twice
+        describe_loaded(model, teacher, uri, probe_ids)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_teacher(teacher).to(self.device)
+        self.model = model.to(self.device)
         self.pad = 0
         self.top_k, self.hidden_dtype, self.head_chunk = top_k, hidden_dtype, head_chunk
 
@@ -201,7 +215,7 @@ class ShardWriter:
         self,
         uri: str,
         shard_rows: dict[int, int],
-        hidden_size: int,
+        hidden_size: int | None,
         top_k: int,
         hidden_dtype: str,
         job_fp: str,
@@ -216,6 +230,17 @@ class ShardWriter:
             "int8": np.int8,
         }[hidden_dtype]
 
+    def _hidden(self, blob: bytes, positions: int) -> np.ndarray:
+        values = np.frombuffer(blob, dtype=self.hidden_np)
+        if self.d is None:  # the width is learnt from the first row
+            self.d = values.size // max(1, positions)
+        if values.size != positions * self.d:
+            raise ValueError(
+                f"teacher hidden states of {values.size} values for {positions} positions: expected "
+                f"{positions} x {self.d}; the forward actors disagree on the hidden size"
+            )
+        return values.reshape(positions, self.d)
+
     def _row(self, batch: dict, i: int) -> dict:
         ids = np.frombuffer(batch["input_ids"][i], dtype=np.int32)
         p = len(ids) - 1
@@ -229,7 +254,7 @@ class ShardWriter:
             "response_start": int(batch["response_start"][i]),
             "truncated_prompt": bool(batch["truncated_prompt"][i]),
             "truncated_total": bool(batch["truncated_total"][i]),
-            "hidden": np.frombuffer(batch["hidden"][i], dtype=self.hidden_np).reshape(p, self.d),
+            "hidden": self._hidden(batch["hidden"][i], p),
             "topk_ids": np.frombuffer(batch["topk_ids"][i], dtype=np.int32).reshape(p, self.k),
             "topk_logprobs": np.frombuffer(batch["topk_logprobs"][i], dtype=np.float32).reshape(p, self.k),
             "logsumexp": np.frombuffer(batch["logsumexp"][i], dtype=np.float32),
@@ -259,14 +284,21 @@ class ShardWriter:
 
 
 # --------------------------------------------------------------------------- driver
-def _describe_teacher(teacher: TeacherConfig, uri: str, probe_ids: list[list[int]]) -> dict:
-    """Load the teacher once: check hidden x head reproduces its logits, write head and embeddings, describe it."""
+def describe_loaded(model, teacher: TeacherConfig, uri: str, probe_ids: list[list[int]]) -> dict:
+    """Check hidden x head reproduces the teacher's logits, write head and embeddings, describe the teacher.
+
+    The description goes to ``TEACHER_INFO`` in the cache root (the driver copies it into the manifest).
+    If a partial cache already holds one, the weights must be the same: a resumed job never mixes teachers.
+    Idempotent: several forward actors may run it; their writes are atomic and identical.
+    """
+    import hashlib
+
     import torch
     from safetensors.torch import save
 
-    from teacher_cache.teacher import check_head_reproduces_logits, load_teacher, teacher_facts
+    from teacher_cache.teacher import check_head_reproduces_logits, teacher_facts
 
-    model = load_teacher(teacher)
+    fs, root, _ = storage.resolve(uri)
     width = max(len(p) for p in probe_ids)
     x = torch.zeros((len(probe_ids), width), dtype=torch.long)
     m = torch.zeros_like(x)
@@ -275,8 +307,16 @@ def _describe_teacher(teacher: TeacherConfig, uri: str, probe_ids: list[list[int
         m[i, : len(p)] = 1
     err = check_head_reproduces_logits(model, x, m)
     facts = teacher_facts(teacher, model)
+    info_path = storage.join(root, TEACHER_INFO)
+    if storage.exists(fs, info_path):
+        before = storage.read_json(fs, info_path)
+        if before.get("weights_fingerprint") != facts["weights_fingerprint"]:
+            raise ValueError(
+                f"{uri}: the teacher weights changed since this partial cache was started (fingerprint "
+                f"{str(before.get('weights_fingerprint'))[:12]} then, {facts['weights_fingerprint'][:12]} now); "
+                "delete the directory and rerun, or restore the original teacher"
+            )
     facts["head_check_max_abs_err"] = err
-    fs, root, _ = storage.resolve(uri)
     head = model.get_output_embeddings()
     tensors = {"weight": head.weight.detach().contiguous().cpu()}
     if getattr(head, "bias", None) is not None:
@@ -288,11 +328,17 @@ def _describe_teacher(teacher: TeacherConfig, uri: str, probe_ids: list[list[int
     ):
         blob = save(tdict)
         storage.atomic_write(fs, storage.join(root, name), blob)
-        import hashlib
-
         files[name] = {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
     facts["files"] = files
+    storage.write_json(fs, info_path, facts)
     return facts
+
+
+def _describe_teacher(teacher: TeacherConfig, uri: str, probe_ids: list[list[int]]) -> dict:
+    """Load the teacher and describe it (used when no forward actor runs: every shard already exists)."""
+    from teacher_cache.teacher import load_teacher
+
+    return describe_loaded(load_teacher(teacher), teacher, uri, probe_ids)
 
 
 def _shard_plan(n: int, rows_per_shard: int) -> list[tuple[int, int]]:
@@ -400,18 +446,6 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> dict:
         tok(records[i].prompt + records[i].response, add_special_tokens=False)["input_ids"][:64]
         for i in range(min(2, len(records)))
     ]
-    describe_remote = ray.remote(num_gpus=cfg.ray.gpus_per_actor, num_cpus=cfg.ray.cpus_per_actor)(
-        _describe_teacher
-    )
-    teacher_info = ray.get(describe_remote.remote(cfg.teacher, uri, probe))
-    state = storage.read_json(fs, spath)
-    if state.get("weights_fingerprint") not in (None, teacher_info["weights_fingerprint"]):
-        raise ValueError(
-            f"{uri}: the teacher weights changed since this partial cache was started; delete the directory and rerun"
-        )
-    state["weights_fingerprint"] = teacher_info["weights_fingerprint"]
-    storage.write_json(fs, spath, state)
-
     if pending:
         import ray.data
 
@@ -453,6 +487,8 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> dict:
                 "hidden_dtype": cfg.cache.hidden_dtype,
                 "head_chunk": cfg.cache.head_chunk,
                 "threads": int(max(1, cfg.ray.cpus_per_actor)),
+                "uri": uri,
+                "probe_ids": probe,
             },
             batch_size=cfg.ray.batch_size,
             compute=ray.data.ActorPoolStrategy(size=cfg.ray.concurrency),
@@ -464,7 +500,7 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> dict:
             fn_constructor_kwargs={
                 "uri": uri,
                 "shard_rows": shard_rows,
-                "hidden_size": teacher_info["hidden_size"],
+                "hidden_size": None,  # from the rows: the teacher is only described inside its actors
                 "top_k": cfg.cache.top_k,
                 "hidden_dtype": cfg.cache.hidden_dtype,
                 "job_fp": fp,
@@ -480,6 +516,15 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> dict:
                 f"[teacher_cache] shard {entry['index'] + 1}/{len(plan)} written ({entry['rows']} rows, {entry['bytes'] / 1e6:.1f} MB)",
                 flush=True,
             )
+
+    else:
+        # every shard exists (a run died before its manifest): describe the teacher in a task of its own,
+        # which also refuses weights that differ from the ones the shards were written with
+        describe_remote = ray.remote(num_gpus=cfg.ray.gpus_per_actor, num_cpus=cfg.ray.cpus_per_actor)(
+            _describe_teacher
+        )
+        ray.get(describe_remote.remote(cfg.teacher, uri, probe))
+    teacher_info = storage.read_json(fs, storage.join(root, TEACHER_INFO))
 
     missing = [i for i in range(len(plan)) if i not in done]
     if missing:

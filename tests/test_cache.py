@@ -18,7 +18,7 @@ import yaml
 from _procs import kill_tree
 
 from pipeline.config import load_config
-from teacher_cache.format import HIDDEN_DTYPES, MANIFEST, decode_hidden, encode_hidden
+from teacher_cache.format import HIDDEN_DTYPES, MANIFEST, TEACHER_INFO, decode_hidden, encode_hidden
 from teacher_cache.job import CacheJobConfig, run
 from teacher_cache.reader import CacheError, CacheExpectation, open_cache
 from teacher_cache.teacher import TeacherConfig, TeacherError, load_teacher
@@ -152,6 +152,31 @@ def test_rerun_is_a_no_op_and_other_config_is_refused(llama_cache, synthetic_jso
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == mtimes
     with pytest.raises(ValueError, match="different config"):
         run(_cfg(synthetic_jsonl, tiny_llama_dir, out, "cache.hidden_dtype=bfloat16"), progress=False)
+
+
+def test_resume_refuses_changed_teacher_weights(ray_session, tmp_path, synthetic_jsonl, mistral_tokenizer):
+    """A partial cache is never completed by a different teacher: in the forward actors (shards to do)
+    and in the describe task (all shards written, manifest missing)."""
+    from pipeline.tiny import save_tiny_model
+
+    teacher = tmp_path / "teacher"
+    save_tiny_model(teacher, "llama", mistral_tokenizer, hidden=64)
+    out = tmp_path / "cache"
+    manifest = run(_cfg(synthetic_jsonl, teacher, out), progress=False)
+    assert (
+        json.loads((out / TEACHER_INFO).read_text())["weights_fingerprint"]
+        == (manifest["teacher"]["weights_fingerprint"])
+    )
+    shutil.rmtree(teacher)
+    save_tiny_model(teacher, "llama", mistral_tokenizer, hidden=64, seed=7)  # same path, other weights
+    (out / MANIFEST).unlink()
+    with pytest.raises(Exception, match="teacher weights changed since this partial cache was started"):
+        run(_cfg(synthetic_jsonl, teacher, out), progress=False)
+    for f in (out / "shards").glob("part-00001.arrow*"):
+        f.unlink()
+    with pytest.raises(Exception, match="teacher weights changed since this partial cache was started"):
+        run(_cfg(synthetic_jsonl, teacher, out), progress=False)
+    assert not (out / "shards" / "part-00001.arrow").exists() and not (out / MANIFEST).exists()
 
 
 def test_rank_sharding_has_no_overlap_and_no_gap(llama_cache):
