@@ -6,7 +6,10 @@ A: bare teacher forward (HF ``model(input_ids, attention_mask)`` with full logit
    batches the cache job forms (same records, same tokenisation, same batch size), in this process.
 B: the whole cache job (``teacher_cache.job.run``: local Ray cluster start, teacher description and
    head/embedding files, tokeniser actor, teacher actor, shard writer, manifest), same teacher, same threads.
-The order is A, B, A; the overhead ratio is B / mean(A). Peak RSS is reported beside time (this process
+The order is A, B, A; the overhead ratio is B / mean(A). With --marginal-records N2 the pair is measured
+again on N2 records (A, B) and the marginal overhead (B(N2) - B(N1)) / (A(N2) - A(N1)) is printed: the
+steady-state cost of the job per position once its fixed costs (Ray start, teacher load, actor start,
+head/embedding files, manifest) are paid, which is what a 7B teacher over a full dataset sees. Peak RSS is reported beside time (this process
 for A; for B the driver plus, from the Ray actors' own reports, the teacher actor).
 Then bytes per position of the cache for every hidden dtype (from the manifests of small jobs) against
 dense fp16 logits, and the fidelity of each lossy dtype on the real teacher: mean KL(live || recomputed).
@@ -64,6 +67,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="DSKD jsonl (default: ../shared Dolly dev)")
     ap.add_argument("--records", type=int, default=160, help="records for the overhead measurement")
+    ap.add_argument(
+        "--marginal-records",
+        type=int,
+        default=0,
+        help="also measure A and B on this many records; print the marginal overhead (0: skip)",
+    )
     ap.add_argument("--size-records", type=int, default=32, help="records per hidden-dtype size job")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for A and for the teacher actor")
@@ -84,20 +93,23 @@ def main() -> int:
         f"ray.batch_size={args.batch_size}",
     ]
 
-    # the batches the job forms: records in source order, batch_size at a time
+    def job_batches(n: int):
+        """The batches the job forms: records in source order, batch_size at a time."""
+        recs = list(read_records(DataConfig(path=args.data, max_records=n)))
+        seqs = [
+            tokenize_pair(
+                tok, r.prompt, r.response, max_prompt_length=256, max_length=args.max_length, eos_id=eos
+            ).input_ids
+            for r in recs
+        ]
+        return recs, seqs, [seqs[i : i + args.batch_size] for i in range(0, len(seqs), args.batch_size)]
+
     cfg = load_config(
         CacheJobConfig, None, [*common, f"data.max_records={args.records}", f"cache.output={tmp / 'c0'}"]
     )
     tok = load_tokenizer(cfg.teacher)
     eos = eos_id_of(tok)
-    recs = list(read_records(DataConfig(path=args.data, max_records=args.records)))
-    seqs = [
-        tokenize_pair(
-            tok, r.prompt, r.response, max_prompt_length=256, max_length=args.max_length, eos_id=eos
-        ).input_ids
-        for r in recs
-    ]
-    batches = [seqs[i : i + args.batch_size] for i in range(0, len(seqs), args.batch_size)]
+    recs, seqs, batches = job_batches(args.records)
     positions = sum(len(s) - 1 for s in seqs)
     print(
         f"{len(recs)} records, {positions} positions, {len(batches)} batches of {args.batch_size}, {args.threads} threads"
@@ -126,6 +138,35 @@ def main() -> int:
     print(
         f"overhead: job / bare forward = {ratio:.3f} (target <= 1.15); job / (bare forward + one teacher load) = {ratio_with_load:.3f}"
     )
+    marginal = None
+    if args.marginal_records:
+        _, seqs2, batches2 = job_batches(args.marginal_records)
+        positions2 = sum(len(s) - 1 for s in seqs2)
+        a_n2 = bare_forward(model, batches2)
+        print(f"A  bare forward, {args.marginal_records} records ({positions2} positions): {a_n2:.1f} s")
+        cfg2 = load_config(
+            CacheJobConfig,
+            None,
+            [*common, f"data.max_records={args.marginal_records}", f"cache.output={tmp / 'c1'}"],
+        )
+        t = time.perf_counter()
+        run(cfg2, progress=False)
+        b_n2 = time.perf_counter() - t
+        print(f"B  cache job, {args.marginal_records} records: {b_n2:.1f} s; job / bare = {b_n2 / a_n2:.3f}")
+        marginal = {
+            "records": args.marginal_records,
+            "positions": positions2,
+            "bare_forward_s": a_n2,
+            "cache_job_s": b_n2,
+            "whole_run_ratio": b_n2 / a_n2,
+            "marginal_ratio": (b_n2 - b) / (a_n2 - a),
+            "fixed_cost_s": b - a * (b_n2 - b) / (a_n2 - a),
+        }
+        print(
+            f"marginal overhead: (B({args.marginal_records}) - B({args.records})) / (A({args.marginal_records}) - "
+            f"A({args.records})) = {marginal['marginal_ratio']:.3f} (target <= 1.15); the job's fixed cost "
+            f"~{marginal['fixed_cost_s']:.0f} s"
+        )
 
     # bytes per position for every hidden dtype (small jobs; the size is per position, not per run)
     sizes = {}
@@ -186,6 +227,7 @@ def main() -> int:
         "sizes": sizes,
         "fidelity_mean_kl": fidelity,
         "job_seconds_in_manifest": manifest["stats"]["job_seconds"],
+        "marginal": marginal,
     }
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

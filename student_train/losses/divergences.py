@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "compute_dtype",
@@ -173,46 +174,48 @@ def _row_chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
 class _ChunkedTeacherKL(torch.autograd.Function):
     """``KL_tau(W h_T || W h_s2t)`` and ``H(softmax(W h_T))`` per row, chunk by chunk over rows.
 
-    Forward and backward both recompute the ``[chunk, V_T]`` logits, so at most a few chunk-sized
-    vocabulary slabs are alive at once (never ``N x V_T``). Only ``s2t_rows`` receives gradient:
-    ``d KL / d z_s2t = (softmax(z_s2t/tau) - softmax(z_T/tau)) / tau`` and ``d / d h_s2t = (...) @ W``.
+    At most a few ``[chunk, V_T]`` vocabulary slabs are alive at once (never ``N x V_T``). Only ``s2t_rows``
+    receives gradient: ``d KL_i / d z_s2t = (softmax(z_s2t/tau) - softmax(z_T/tau)) / tau`` and
+    ``d KL_i / d h_s2t_i = (...) @ W``. Row ``i``'s KL depends on row ``i`` only, so that per-row Jacobian
+    is formed in the forward, while both softmaxes are at hand, and kept as an ``[N, d_T]`` tensor; the
+    backward scales it by the incoming per-row gradient. Three ``[chunk, d_T] x [d_T, V_T]`` products per
+    chunk in all (two logits, one Jacobian), instead of five when the backward recomputes the logits.
     """
 
     @staticmethod
     def forward(ctx, s2t_rows, teacher_rows, head, temperature, chunk_size):
-        """Per-row KL and entropy; saves only the (small) row inputs and the head."""
+        """Per-row KL and entropy; with a gradient to come, also the per-row Jacobian ``[N, d_T]``."""
         n = teacher_rows.shape[0]
         kl = s2t_rows.new_zeros(n)
         ent = s2t_rows.new_zeros(n)
+        need_grad = ctx.needs_input_grad[0]
+        jac = torch.empty_like(s2t_rows) if need_grad else None
         for s, e in _row_chunks(n, chunk_size):
             zt = teacher_rows[s:e] @ head.T
             lt1 = F.log_softmax(zt, dim=-1)
             ent[s:e] = -(lt1.exp() * lt1).sum(-1)
             del lt1
-            ltt = F.log_softmax(zt / temperature, dim=-1)
+            ltt = F.log_softmax(zt.div_(temperature), dim=-1)
             del zt
-            lq = F.log_softmax((s2t_rows[s:e] @ head.T) / temperature, dim=-1)
-            kl[s:e] = (ltt.exp() * (ltt - lq)).sum(-1)
-        ctx.save_for_backward(s2t_rows, teacher_rows, head)
-        ctx.temperature = temperature
-        ctx.chunk_size = chunk_size
+            lq = F.log_softmax((s2t_rows[s:e] @ head.T).div_(temperature), dim=-1)
+            pt = ltt.exp()
+            kl[s:e] = (pt * (ltt - lq)).sum(-1)
+            del ltt
+            if need_grad:
+                jac[s:e] = (lq.exp_().sub_(pt).div_(temperature)) @ head
+            del lq, pt
+        ctx.save_for_backward(jac)
         ctx.mark_non_differentiable(ent)
         return kl, ent
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_kl, grad_ent):
-        """Gradient w.r.t. ``s2t_rows`` only, recomputing the logits chunk by chunk."""
-        s2t_rows, teacher_rows, head = ctx.saved_tensors
-        tau = ctx.temperature
-        grad = torch.zeros_like(s2t_rows)
+        """``grad_kl[i] * J_i``: no vocabulary-sized work."""
+        (jac,) = ctx.saved_tensors
         if grad_kl is None:
-            return grad, None, None, None, None
-        for s, e in _row_chunks(teacher_rows.shape[0], ctx.chunk_size):
-            pt = F.softmax((teacher_rows[s:e] @ head.T) / tau, dim=-1)
-            q = F.softmax((s2t_rows[s:e] @ head.T) / tau, dim=-1)
-            gz = (q - pt) * (grad_kl[s:e].to(q.dtype) / tau).unsqueeze(-1)
-            grad[s:e] = gz @ head
-        return grad, None, None, None, None
+            return torch.zeros_like(jac), None, None, None, None
+        return jac * grad_kl.to(jac.dtype).unsqueeze(-1), None, None, None, None
 
 
 def teacher_entropy_and_kl(
