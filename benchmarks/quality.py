@@ -176,7 +176,9 @@ def main() -> int:
         warm_tag = f"-warm{args.warm_start_epochs}"
     overrides = [o.strip() for o in args.set]
     if overrides:
-        set_tag = "-" + "-".join(o.split(".")[-1].replace("=", "") for o in overrides)
+        set_tag = "-" + "-".join(
+            o.split("=", 1)[0].split(".")[-1] + o.split("=", 1)[1] for o in overrides
+        )  # objective.lambda_ce=1.0 -> -lambda_ce1.0
 
     sets = (
         [("heldout", str(work / "heldout.jsonl"))]
