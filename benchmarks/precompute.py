@@ -73,7 +73,12 @@ def main() -> int:
         default=0,
         help="also measure A and B on this many records; print the marginal overhead (0: skip)",
     )
-    ap.add_argument("--size-records", type=int, default=32, help="records per hidden-dtype size job")
+    ap.add_argument(
+        "--size-records",
+        type=int,
+        default=32,
+        help="records per hidden-dtype size job (0: skip sizes and fidelity)",
+    )
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for A and for the teacher actor")
     ap.add_argument("--max-length", type=int, default=512)
@@ -149,6 +154,9 @@ def main() -> int:
             None,
             [*common, f"data.max_records={args.marginal_records}", f"cache.output={tmp / 'c1'}"],
         )
+        import ray
+
+        ray.shutdown()  # B(N2) pays its own Ray start, as B(N1) did: the difference is the per-position cost
         t = time.perf_counter()
         run(cfg2, progress=False)
         b_n2 = time.perf_counter() - t
@@ -170,7 +178,8 @@ def main() -> int:
 
     # bytes per position for every hidden dtype (small jobs; the size is per position, not per run)
     sizes = {}
-    for dt in HIDDEN_DTYPES:
+    dtypes = HIDDEN_DTYPES if args.size_records else ()
+    for dt in dtypes:
         c = load_config(
             CacheJobConfig,
             None,
@@ -190,9 +199,9 @@ def main() -> int:
 
     # fidelity of each stored dtype on the real teacher: mean KL(live || recomputed) over all positions of the first batches
     w = model.get_output_embeddings().weight.float()
-    fid = {dt: [] for dt in HIDDEN_DTYPES}
+    fid = {dt: [] for dt in dtypes}
     with torch.no_grad():
-        for s in seqs[:16]:
+        for s in seqs[:16] if dtypes else []:
             x = torch.from_numpy(s[None, :-1].astype(np.int64))
             h = model.base_model(input_ids=x).last_hidden_state[0]
             live = model(input_ids=x).logits[0].float().log_softmax(-1)
@@ -206,7 +215,7 @@ def main() -> int:
         "\n| hidden dtype | cache B/position | hidden B/position | dense fp16 logits B/position | dense / cache | mean KL live vs recomputed |"
     )
     print("|---|---|---|---|---|---|")
-    for dt in HIDDEN_DTYPES:
+    for dt in dtypes:
         z = sizes[dt]
         print(
             f"| {dt} | {z['bytes_per_position']:.0f} | {z['hidden_bytes_per_position']} | {z['dense_fp16_logits_bytes_per_position']} "

@@ -185,12 +185,14 @@ def head_stats(
         logits = hidden[s : s + chunk].float() @ w.T
         if b is not None:
             logits = logits + b
+        # four passes over [chunk, V]: logsumexp (max, exp-sum), p = exp(z - lse), sum p*z; top-k on z
         lse = torch.logsumexp(logits, dim=-1)
-        logp = logits - lse[:, None]
-        ent = -(logp.exp() * logp).sum(-1)
-        val, idx = logp.topk(top_k, dim=-1)
+        p = torch.exp(logits - lse[:, None])
+        ent = lse - (p * logits).sum(-1)  # H = lse - sum_v p_v z_v
+        del p
+        val, idx = logits.topk(top_k, dim=-1)
         ids.append(idx)
-        lps.append(val)
+        lps.append(val - lse[:, None])
         lses.append(lse)
         ents.append(ent)
     return torch.cat(ids), torch.cat(lps), torch.cat(lses), torch.cat(ents)
@@ -207,20 +209,29 @@ def teacher_forward(
         attention_mask: ``[B, P]`` 1 for real tokens.
 
     Returns:
-        :class:`TeacherOutputs` (padded positions hold garbage; callers slice by length).
+        :class:`TeacherOutputs` (padded positions hold zeros in the head statistics and garbage in
+        ``hidden``; callers slice by length).
     """
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     head = model.get_output_embeddings()
     bsz, p, d = hidden.shape
+    # the vocabulary-sized work runs on real positions only (padding is often a third of a batch)
+    real = attention_mask.reshape(-1).bool()
     ids, lps, lse, ent = head_stats(
-        hidden.reshape(-1, d), head.weight, getattr(head, "bias", None), top_k, chunk
+        hidden.reshape(-1, d)[real], head.weight, getattr(head, "bias", None), top_k, chunk
     )
+
+    def scatter(values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        out = values.new_zeros((bsz * p, *shape))
+        out[real] = values
+        return out.view(bsz, p, *shape)
+
     return TeacherOutputs(
         hidden=hidden,
-        topk_ids=ids.view(bsz, p, top_k),
-        topk_logprobs=lps.view(bsz, p, top_k),
-        logsumexp=lse.view(bsz, p),
-        entropy=ent.view(bsz, p),
+        topk_ids=scatter(ids, (top_k,)),
+        topk_logprobs=scatter(lps, (top_k,)),
+        logsumexp=scatter(lse, ()),
+        entropy=scatter(ent, ()),
     )
 
 
