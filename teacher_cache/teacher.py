@@ -185,10 +185,10 @@ def head_stats(
         logits = hidden[s : s + chunk].float() @ w.T
         if b is not None:
             logits = logits + b
-        # four passes over [chunk, V]: logsumexp (max, exp-sum), p = exp(z - lse), sum p*z; top-k on z
+        # H = lse - sum_v p_v z_v: no log-prob slab is materialised; top-k runs on the logits
         lse = torch.logsumexp(logits, dim=-1)
         p = torch.exp(logits - lse[:, None])
-        ent = lse - (p * logits).sum(-1)  # H = lse - sum_v p_v z_v
+        ent = lse - (p * logits).sum(-1)
         del p
         val, idx = logits.topk(top_k, dim=-1)
         ids.append(idx)
