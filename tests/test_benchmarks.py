@@ -1,0 +1,47 @@
+"""Smoke tests of the benchmark scripts at toy sizes: they run, agree with their references, and report.
+
+The figures themselves are not asserted (timings belong in docs/BENCHMARKS.md, not in tests); what is
+asserted could fail: teacher_kl.py checks that its two teacher-space KL variants give the same KL, entropy
+and gradient before timing them, and soft_dtw.py prints its ratio table and a float64 cross-check.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> str:
+    res = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    return res.stdout
+
+
+def test_teacher_kl_benchmark_variants_agree():
+    out = _run(
+        "benchmarks/teacher_kl.py",
+        "--rows",
+        "11",
+        "--vocab",
+        "97",
+        "--dim",
+        "8",
+        "--chunk",
+        "4",
+        "--reps",
+        "1",
+    )
+    assert re.search(r"recompute / ours = \d+\.\d\d", out)
+    assert "| ours |" in out and "| recompute |" in out
+
+
+def test_soft_dtw_benchmark_quick():
+    out = _run("benchmarks/soft_dtw.py", "--quick", "--no-memory", "--retry-noisy", "0")
+    assert "tslearn / numba (target >= 2)" in out
+    # the float64 torch and numba paths must agree (the oracle cross-check the benchmark prints)
+    errs = [float(x) for x in re.findall(r"oracle cross-check\): ([0-9.e+-]+)", out)]
+    assert errs and max(errs) < 1e-9
