@@ -176,9 +176,10 @@ def main() -> int:
         warm_tag = f"-warm{args.warm_start_epochs}"
     overrides = [o.strip() for o in args.set]
     if overrides:
-        set_tag = "-" + "-".join(
-            o.split("=", 1)[0].split(".")[-1] + o.split("=", 1)[1] for o in overrides
-        )  # objective.lambda_ce=1.0 -> -lambda_ce1.0
+        # objective.lambda_ce=1.0 -> -lambda_ce1.0
+        set_tag = "".join(
+            f"-{key.split('.')[-1]}{value}" for key, _, value in (o.partition("=") for o in overrides)
+        )
 
     sets = (
         [("heldout", str(work / "heldout.jsonl"))]

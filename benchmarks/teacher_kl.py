@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.train_step import PeakRSS  # noqa: E402
 from student_train.losses.divergences import teacher_entropy_and_kl  # noqa: E402
 
 
@@ -71,22 +71,13 @@ def ours(h, head, s2t, temperature, chunk):
 
 
 def peak_during(fn) -> tuple[float, float]:
-    proc, peak, stop = psutil.Process(), [0], [False]
-
-    def sample():
-        while not stop[0]:
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.002)
-
-    t = threading.Thread(target=sample, daemon=True)
-    before = proc.memory_info().rss
-    t.start()
-    start = time.perf_counter()
-    fn()
-    secs = time.perf_counter() - start
-    stop[0] = True
-    t.join()
-    return secs, (peak[0] - before) / 2**20
+    """Seconds of ``fn()`` and its peak RSS above the RSS it started from, in MB."""
+    before = psutil.Process().memory_info().rss / 2**20
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        fn()
+        secs = time.perf_counter() - start
+    return secs, mem.peak_mb - before
 
 
 def main() -> int:

@@ -215,13 +215,13 @@ class ShardWriter:
         self,
         uri: str,
         shard_rows: dict[int, int],
-        hidden_size: int | None,
         top_k: int,
         hidden_dtype: str,
         job_fp: str,
     ):
         self.uri, self.expected = uri, {int(k): v for k, v in shard_rows.items()}
-        self.d, self.k, self.hdt, self.fp = hidden_size, top_k, hidden_dtype, job_fp
+        # the hidden width is learnt from the first row: the teacher is only described inside its actors
+        self.d, self.k, self.hdt, self.fp = None, top_k, hidden_dtype, job_fp
         self.pending: dict[int, list[dict]] = {}
         self.hidden_np = {
             "float32": np.float32,
@@ -232,7 +232,7 @@ class ShardWriter:
 
     def _hidden(self, blob: bytes, positions: int) -> np.ndarray:
         values = np.frombuffer(blob, dtype=self.hidden_np)
-        if self.d is None:  # the width is learnt from the first row
+        if self.d is None:
             self.d = values.size // max(1, positions)
         if values.size != positions * self.d:
             raise ValueError(
@@ -500,7 +500,6 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> dict:
             fn_constructor_kwargs={
                 "uri": uri,
                 "shard_rows": shard_rows,
-                "hidden_size": None,  # from the rows: the teacher is only described inside its actors
                 "top_k": cfg.cache.top_k,
                 "hidden_dtype": cfg.cache.hidden_dtype,
                 "job_fp": fp,

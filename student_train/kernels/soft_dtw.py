@@ -4,7 +4,7 @@ Layering (design notes: shared/docs/SOFT_DTW.md §5): the cost matrix ``C`` (cos
 penalty) is built in torch, where autograd differentiates it; this module maps ``C [B, N, M] -> values [B]``
 through one ``torch.autograd.Function`` whose backward is the expected-alignment recursion
 ``E = d sdtw / d C``. The divergence runs its three DPs as ``3B`` pairs of that same single call.
-Measured figures: docs/BENCHMARKS_SOFT_DTW.md (``benchmarks/soft_dtw.py``).
+Measured figures: docs/BENCHMARKS.md (``benchmarks/soft_dtw.py``).
 
 Numerics, identical on every backend:
 
