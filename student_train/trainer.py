@@ -122,9 +122,17 @@ class MetricsLog:
 def save_checkpoint(engine, ckpt_dir: Path, cursor: Cursor, extra: dict, keep: int = 2) -> None:
     """DeepSpeed checkpoint (all ranks) with the cursor as client state; 'latest' moves only when complete."""
     tag = f"step-{cursor.step:07d}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"cursor": vars(cursor).copy(), **extra})
+    # DeepSpeed's own 'latest' is written by rank 0 as soon as rank 0 is done, while other ranks may still
+    # be writing their shards: a kill then leaves 'latest' pointing at a truncated file. Move it ourselves,
+    # atomically, after every rank has finished.
+    engine.save_checkpoint(
+        str(ckpt_dir), tag=tag, client_state={"cursor": vars(cursor).copy(), **extra}, save_latest=False
+    )
     dist.barrier()
     if dist.get_rank() == 0:
+        tmp = ckpt_dir / "latest.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, ckpt_dir / "latest")
         tags = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
         for old in tags[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
