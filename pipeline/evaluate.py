@@ -55,7 +55,12 @@ class EvalConfig:
 
     sets: list[EvalSet] = field(default_factory=list, help="benchmarks")
     seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50], help="sampling seeds")
-    max_samples: int | None = field(None, help="evaluate at most N samples per set (quick runs)")
+    max_samples: int | None = field(
+        None, help="generate for at most the first N samples per set (quick runs)"
+    )
+    bpb_max_samples: int | None = field(
+        None, help="bits-per-byte over at most the first N samples per set (null = the whole set)"
+    )
     max_prompt_length: int = field(256, help="prompt keeps its first N tokens")
     max_new_tokens: int = field(256, help="generation budget (512 - 256 in DSKD)")
     temperature: float = field(1.0, help="sampling temperature")
@@ -132,15 +137,9 @@ def generate(model, tok, prompts: list[str], cfg: EvalConfig, seed: int, progres
     return outs
 
 
-def bits_per_byte(model, tok, prompts: list[str], references: list[str], cfg: EvalConfig) -> float:
-    """Teacher-forced reference bits per UTF-8 byte given the prompt (EOS excluded), pooled over the set.
-
-    References are cut to ``max_new_tokens`` tokens (the generation budget); only the bytes of the kept
-    characters count.
-    """
-    import torch
-
-    nats, nbytes = 0.0, 0
+def _bpb_rows(tok, prompts, references, cfg: EvalConfig) -> list[tuple[list[int], int, int]]:
+    """(prompt+reference ids, first scored target index, reference bytes) per non-empty reference."""
+    rows = []
     for p, r in zip(prompts, references):
         if not r.strip():
             continue
@@ -149,15 +148,39 @@ def bits_per_byte(model, tok, prompts: list[str], references: list[str], cfg: Ev
         r_ids = enc["input_ids"][: cfg.max_new_tokens]
         if not r_ids:
             continue
-        r = r[: enc["offset_mapping"][len(r_ids) - 1][1]]
-        ids = torch.tensor([p_ids + r_ids])
+        kept = r[: enc["offset_mapping"][len(r_ids) - 1][1]]
+        rows.append((p_ids + r_ids, max(len(p_ids) - 1, 0), len(kept.encode("utf-8"))))
+    return rows
+
+
+def bits_per_byte(model, tok, prompts: list[str], references: list[str], cfg: EvalConfig) -> float:
+    """Teacher-forced reference bits per UTF-8 byte given the prompt (EOS excluded), pooled over the set.
+
+    References are cut to ``max_new_tokens`` tokens (the generation budget); only the bytes of the kept
+    characters count. Rows are scored in right-padded batches of ``batch_size`` sorted by length
+    (padding is masked out; causal attention makes each row's scores those of the row alone).
+    """
+    import torch
+
+    rows = _bpb_rows(tok, prompts, references, cfg)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    device = next(model.parameters()).device
+    nats, nbytes = 0.0, 0
+    for s in range(0, len(order), max(cfg.batch_size, 1)):
+        batch = [rows[i] for i in order[s : s + cfg.batch_size]]
+        width = max(len(ids) for ids, _, _ in batch)
+        x = torch.zeros((len(batch), width), dtype=torch.long)
+        m = torch.zeros_like(x)
+        for i, (ids, _, _) in enumerate(batch):
+            x[i, : len(ids)] = torch.tensor(ids)
+            m[i, : len(ids)] = 1
         with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, :-1].float()
-        lp = logits.log_softmax(-1)
-        tgt = ids[0, 1:]
-        start = max(len(p_ids) - 1, 0)
-        nats -= lp[torch.arange(start, len(tgt)), tgt[start:]].sum().item()
-        nbytes += len(r.encode("utf-8"))
+            logits = model(input_ids=x.to(device), attention_mask=m.to(device)).logits.float()
+        for i, (ids, start, nb) in enumerate(batch):
+            lp = logits[i, : len(ids) - 1].log_softmax(-1)
+            tgt = x[i, 1 : len(ids)].to(device)
+            nats -= lp[torch.arange(start, len(tgt), device=device), tgt[start:]].sum().item()
+            nbytes += nb
     return nats / math.log(2) / max(nbytes, 1)
 
 
@@ -168,15 +191,20 @@ def evaluate(checkpoint: str, cfg: EvalConfig, progress: bool = True) -> dict:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    from pipeline.models import resolve
+
+    path = resolve(checkpoint)  # model:NAME -> its prepared HF folder (e.g. to score a teacher)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     out_dir = Path(cfg.output or Path(checkpoint) / "eval")
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {"checkpoint": str(checkpoint), "config": to_dict(cfg), "sets": {}}
     gens = (out_dir / "generations.jsonl").open("w")
     for es in cfg.sets:
-        recs = list(read_records(DataConfig(path=es.path, format="dskd")))[: cfg.max_samples]
+        all_recs = list(read_records(DataConfig(path=es.path, format="dskd")))
+        recs = all_recs[: cfg.max_samples]
+        bpb_recs = all_recs[: cfg.bpb_max_samples]
         prompts = [r.prompt for r in recs]
         per_seed = []
         bar = tqdm(
@@ -207,13 +235,18 @@ def evaluate(checkpoint: str, cfg: EvalConfig, progress: bool = True) -> dict:
         bar.close()
         entry = {
             "n": len(recs),
+            "n_bpb": len(bpb_recs) if cfg.bits_per_byte else 0,
             "rougeL_mean": statistics.mean(per_seed),
             "rougeL_std": statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0,
             "rougeL_per_seed": per_seed,
             "seconds": round(time.time() - t, 1),
         }
         if cfg.bits_per_byte:
-            entry["bits_per_byte"] = bits_per_byte(model, tok, prompts, [r.response for r in recs], cfg)
+            t = time.time()
+            entry["bits_per_byte"] = bits_per_byte(
+                model, tok, [r.prompt for r in bpb_recs], [r.response for r in bpb_recs], cfg
+            )
+            entry["bpb_seconds"] = round(time.time() - t, 1)
         results["sets"][es.name] = entry
     gens.close()
     means = [v["rougeL_mean"] for v in results["sets"].values()]

