@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.tokenize import tokenize_pair
+from pipeline.tokenize import IGNORE_INDEX, tokenize_pair
+from student_train.align import BatchAlignment
 from teacher_cache.format import CachedRow
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX
 
 
 @dataclass
@@ -36,7 +37,10 @@ class DistillBatch:
     Teacher (``m`` = longest teacher sequence minus one; absent for SFT without a cache):
         t_input_ids ``[B, m]`` long; t_labels ``[B, m]`` long (-100 outside the response); t_mask
         ``[B, m]`` (1 on real positions); t_hidden ``[B, m, d_T]`` float32 cached final hidden states
-        (zeros on pad rows).
+        (zeros on pad rows); t_topk_logprobs ``[B, m, k]`` cached top-k log-probs (only when asked for).
+    Alignments (only when the objective needs them, :class:`student_train.align.BatchAlignment`):
+        aligned_positions ``[B, n]`` long, the character-offset pairing; mined_positions ``[B, n]`` long,
+        MinED's edit-distance alignment; both teacher positions, ``-1`` where there is none.
     sample_ids: the B cache keys.
     """
 
@@ -49,6 +53,9 @@ class DistillBatch:
     t_labels: torch.Tensor | None = None
     t_mask: torch.Tensor | None = None
     t_hidden: torch.Tensor | None = None
+    t_topk_logprobs: torch.Tensor | None = None
+    aligned_positions: torch.Tensor | None = None
+    mined_positions: torch.Tensor | None = None
 
     @property
     def num_label_tokens(self) -> int:
@@ -75,9 +82,10 @@ def collate(
     max_prompt_length: int,
     max_length: int,
     with_teacher: bool,
+    alignment: BatchAlignment | None = None,
 ) -> DistillBatch:
     """Student-tokenise rows (CachedRow or Record) and pad both sides into a :class:`DistillBatch`."""
-    s_ids, s_labels = [], []
+    s_ids, s_labels, s_offsets = [], [], []
     for r in rows:
         t = tokenize_pair(
             tokenizer,
@@ -91,6 +99,7 @@ def collate(
             raise ValueError(f"sample {r.sample_id}: fewer than 2 student tokens after truncation")
         s_ids.append(t.input_ids[:-1].astype(np.int64))
         s_labels.append(_labels_for(t.input_ids, t.response_start))
+        s_offsets.append(t.offsets)
     n = max(len(x) for x in s_ids)
     bsz = len(rows)
     input_ids = torch.full((bsz, n), pad_id, dtype=torch.long)
@@ -122,6 +131,30 @@ def collate(
         t_mask[i, :p] = 1
         t_hidden[i, :p] = r.hidden
     batch.t_input_ids, batch.t_labels, batch.t_mask, batch.t_hidden = t_ids, t_labels, t_mask, t_hidden
+    if alignment is None:
+        return batch
+    if alignment.topk:
+        k = rows[0].topk_logprobs.shape[1]
+        topk = torch.zeros((bsz, m, k), dtype=torch.float32)
+        for i, r in enumerate(rows):
+            topk[i, : len(r.input_ids) - 1] = torch.from_numpy(np.asarray(r.topk_logprobs, dtype=np.float32))
+        batch.t_topk_logprobs = topk
+    if alignment.offsets or alignment.mined is not None:
+        pos = {
+            "offsets": torch.full((bsz, n), -1, dtype=torch.long),
+            "mined": torch.full((bsz, n), -1, dtype=torch.long),
+        }
+        for i, r in enumerate(rows):
+            s_pos = np.flatnonzero(s_labels[i] != IGNORE)
+            t_pos = np.flatnonzero(t_labels[i].numpy() != IGNORE)
+            for kind, vals in alignment.sample(
+                s_ids[i], s_offsets[i], s_pos, r.input_ids, r.offsets, t_pos
+            ).items():
+                pos[kind][i, torch.from_numpy(s_pos)] = torch.from_numpy(vals)
+        if alignment.offsets:
+            batch.aligned_positions = pos["offsets"]
+        if alignment.mined is not None:
+            batch.mined_positions = pos["mined"]
     return batch
 
 

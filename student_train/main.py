@@ -47,6 +47,7 @@ def main(argv=None) -> int:
 
     from pipeline.records import DataConfig, read_records
     from pipeline.tokenize import eos_id_of
+    from student_train.align import BatchAlignment, MinedVocab
     from student_train.data import CacheRows, RecordRows, Schedule, ScheduledBatches
     from student_train.losses.cma import Projectors
     from student_train.model import Distiller, export_student, load_student, load_student_tokenizer
@@ -82,6 +83,14 @@ def main(argv=None) -> int:
         records = list(read_records(DataConfig(path=cfg.data.sft_path)))
         shard_rows = [1] * len(records)
     tok = load_student_tokenizer(cfg)
+    # what the objective needs beyond the cached tensors: pairings computed per sample at collation
+    alignment, mined = None, None
+    if objective.needs_offsets_pairing or objective.needs_mined_alignment or objective.logit_kd == "uld_topk":
+        if objective.needs_mined_alignment:
+            mined = MinedVocab(cache.load_teacher_tokenizer(cfg.data.teacher_tokenizer), tok)
+        alignment = BatchAlignment(
+            offsets=objective.needs_offsets_pairing, mined=mined, topk=objective.logit_kd == "uld_topk"
+        )
     collate_kw = dict(
         tokenizer=tok,
         pad_id=tok.pad_token_id,
@@ -89,17 +98,20 @@ def main(argv=None) -> int:
         max_prompt_length=cfg.student.max_prompt_length,
         max_length=cfg.student.max_length,
         with_teacher=objective.needs_teacher,
+        alignment=alignment,
     )
 
     # student, projectors, and the teacher constants (head and embeddings: read-only, never a teacher model)
     student = load_student(cfg)
     projectors, t_head, t_emb = None, None, None
-    if objective.needs_teacher:
+    if objective.needs_projectors:
         d_s = student.get_input_embeddings().weight.shape[1]
         projectors = Projectors(d_s, cache.hidden_size, dtw_embed=objective.dtw_enabled)
-        t_head = cache.load_head()[0].float()
         t_emb = cache.load_embeddings().float()
-    distiller = Distiller(student, projectors, objective, t_head, t_emb)
+    if objective.needs_teacher_head:
+        t_head = cache.load_head()[0].float()
+    mined_map = tuple(torch.from_numpy(a) for a in mined.image()) if mined is not None else None
+    distiller = Distiller(student, projectors, objective, t_head, t_emb, mined_map)
 
     # schedule of batches, optimizer with a projector group, cosine LR
     sched = Schedule(shard_rows, rank, world, cfg.train.micro_batch, cfg.train.seed, cfg.data.shuffle_buffer)

@@ -14,8 +14,7 @@ import torch
 import torch.distributed as dist
 
 from student_train.data import DistillBatch
-
-TERMS = ("ce", "proj_ce", "kd_student", "kd_teacher", "dtw_hidden", "dtw_embed")
+from student_train.losses.objective import TERM_NAMES as TERMS
 
 
 class NonFiniteLossError(RuntimeError):

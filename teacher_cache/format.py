@@ -21,6 +21,7 @@ JOB_STATE = "job_state.json"
 SHARD_DIR = "shards"
 HEAD_FILE = "teacher_head.safetensors"
 EMBED_FILE = "teacher_embeddings.safetensors"
+TOKENIZER_DIR = "teacher_tokenizer"  # the teacher tokenizer's files (MinED needs its token strings)
 TEACHER_INFO = "teacher_info.json"  # job-time sidecar: the teacher description, copied into the manifest
 
 HiddenDType = Literal["float32", "bfloat16", "float16", "int8"]

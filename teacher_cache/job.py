@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -39,6 +40,7 @@ from teacher_cache.format import (
     SCHEMA_VERSION,
     SHARD_DIR,
     TEACHER_INFO,
+    TOKENIZER_DIR,
 )
 from teacher_cache.teacher import TeacherConfig
 from teacher_cache.writer import finished_shard, write_manifest, write_shard
@@ -530,6 +532,7 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> dict:
         raise RuntimeError(f"{uri}: shards {missing} were not written; re-run the job to complete the cache")
     shards = [done[i] for i in range(len(plan))]
     manifest = _manifest(cfg, fp, records, stats, rec_fp, tok_facts, teacher_info, shards, time.time() - t0)
+    manifest["files"].update(_write_tokenizer(fs, root, tok))
     write_manifest(uri, manifest)
     s = manifest["stats"]
     print(
@@ -537,6 +540,22 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> dict:
         f"{s['bytes_per_position']:.0f} B/position ({cfg.cache.hidden_dtype} hidden) -> {uri}"
     )
     return manifest
+
+
+def _write_tokenizer(fs, root: str, tok) -> dict[str, dict]:
+    """The teacher tokenizer's files under ``teacher_tokenizer/`` (small); their manifest entries."""
+    import hashlib
+    import tempfile
+
+    files = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        for p in sorted(Path(tmp).iterdir()):
+            data = p.read_bytes()
+            name = f"{TOKENIZER_DIR}/{p.name}"
+            storage.atomic_write(fs, storage.join(root, name), data)
+            files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return files
 
 
 def _manifest(cfg, fp, records, stats, rec_fp, tok_facts, teacher_info, shards, seconds) -> dict:

@@ -17,6 +17,7 @@ from teacher_cache.format import (
     HEAD_FILE,
     MANIFEST,
     SCHEMA_VERSION,
+    TOKENIZER_DIR,
     CachedRow,
     decode_row,
 )
@@ -201,6 +202,47 @@ class TeacherCache:
     def load_embeddings(self) -> torch.Tensor:
         """Teacher input-embedding table ``[V_T, d_T]``."""
         return self._load_tensors(EMBED_FILE)["weight"]
+
+    def load_teacher_tokenizer(self, override: str | None = None):
+        """The teacher's tokenizer, checked against the manifest's fingerprint.
+
+        From the cache's ``teacher_tokenizer/`` (written since this release) or, for an older cache, from
+        ``override`` (a tokenizer directory or ``model:NAME``); either way a tokenizer whose fingerprint
+        differs from the one the cache was built with is refused.
+        """
+        import tempfile
+
+        from transformers import AutoTokenizer
+
+        from pipeline.tokenize import tokenizer_fingerprint
+
+        names = [n for n in self.manifest["files"] if n.startswith(TOKENIZER_DIR + "/")]
+        if override:
+            from pipeline.models import resolve
+
+            source = f"tokenizer {override}"
+            tok = AutoTokenizer.from_pretrained(resolve(override))
+        elif names:
+            source = f"{self.uri}/{TOKENIZER_DIR}"
+            with tempfile.TemporaryDirectory() as tmp:
+                for name in names:
+                    target = f"{tmp}/{name.split('/', 1)[1]}"
+                    with open(target, "wb") as fh:
+                        fh.write(storage.read_bytes(self.fs, storage.join(self.root, name)))
+                tok = AutoTokenizer.from_pretrained(tmp)
+        else:
+            raise CacheError(
+                f"{self.uri} has no {TOKENIZER_DIR}/ (built before it was stored): pass the teacher's tokenizer "
+                "(data.teacher_tokenizer=DIR or model:NAME); it is checked against the cache's fingerprint"
+            )
+        want = self.manifest["tokenizer"]["sha256"]
+        got = tokenizer_fingerprint(tok, self.eos_id)["sha256"]
+        if got != want:
+            raise CacheError(
+                f"{source} is not the tokenizer this cache was built with (fingerprint {got[:12]}, the cache "
+                f"records {want[:12]})"
+            )
+        return tok
 
 
 def open_cache(

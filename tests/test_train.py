@@ -415,3 +415,47 @@ def test_schedule_and_loader_workers_partition_the_data(cache_dir, student_dir):
         assert row_valid.numel() > 0 and (row_valid.diff() == 1).all()
         t_valid = b.t_labels[i].ne(IGNORE).nonzero().flatten()
         assert b.t_mask[i, t_valid].all() and (b.t_hidden[i, b.t_mask[i] == 0] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "preset,extra",
+    [
+        ("uld", []),
+        ("uld_topk", []),
+        ("mined", []),
+        ("multilevel_ot", []),
+        ("uld", ["objective.pairing=offsets"]),
+    ],
+)
+def test_logit_baselines_train_from_the_cache(tmp_path, cache_dir, student_dir, preset, extra):
+    """ULD, MinED and MultiLevelOT through the real student job, from the cache alone (no teacher model)."""
+    out = tmp_path / "run"
+    args = [
+        f"objective.preset={preset}",
+        "train.micro_batch=4",
+        "train.max_steps=2",
+        "train.zero_stage=0",
+        *extra,
+    ]
+    launch(_args(student_dir, cache_dir, out, *args), 1)
+    recs = _metrics(out)
+    assert len(recs) == 2 and all(r["term/logit_kd"] > 0 and r["term/ce"] > 0 for r in recs)
+    assert all(r["term/kd_teacher"] == 0 and r["term/dtw_hidden"] == 0 for r in recs)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["teacher_loader_imported"] is False and info["ray_imported"] is False
+    assert not (out / "export" / "projectors.safetensors").exists()  # no projectors for logit-level methods
+
+
+def test_mined_refuses_a_teacher_tokenizer_the_cache_was_not_built_with(tmp_path, cache_dir, student_dir):
+    res = launch(
+        _args(
+            student_dir,
+            cache_dir,
+            tmp_path / "run",
+            "objective.preset=mined",
+            f"data.teacher_tokenizer={student_dir}",
+        ),
+        1,
+        check=False,
+    )
+    assert res.returncode != 0 and "is not the tokenizer this cache was built with" in res.stderr

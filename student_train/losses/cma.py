@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.tokenize import IGNORE_INDEX
 from student_train.losses.divergences import compute_dtype
 
 __all__ = [
@@ -98,7 +99,7 @@ class CMAOutput:
     hhat_s2t: torch.Tensor
 
 
-def formal_ids(ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def formal_ids(ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Replace ids at non-response positions (``labels == ignore_index``) by id 0 (METHOD.md §2.1).
 
     Use it for both the input ids and the target ids (``formal_ids(labels, labels)``) of each side.

@@ -1,11 +1,14 @@
 """The distillation objective as an explicit set of weighted terms (METHOD.md §2.9, §3 "Overall").
 
 ``total = lambda_ce * ce + lambda_kd * (proj_ce + kd_student + kd_teacher) + lambda_dtw * (dtw_hidden +
-dtw_embed)``, every term a SUM over valid tokens (the DTW terms a sum over samples, A6). The trainer
-divides ``total`` by the global number of valid student label tokens of the accumulated batch.
+dtw_embed) + lambda_logit * logit_kd``, every term a SUM over valid tokens (the DTW terms a sum over
+samples, A6). The trainer divides ``total`` by the global number of valid student label tokens of the
+accumulated batch.
 
-A weight of 0 means the term is not computed at all. SFT, DSKD-CMA, DWA-KD and the paper's Table-3
-ablations are named settings of :class:`ObjectiveConfig` (see :data:`PRESETS`), not code forks.
+A weight of 0 means the term is not computed at all. SFT, DSKD-CMA, DWA-KD, the paper's Table-3
+ablations and the logit-level baselines ULD, MinED and MultiLevelOT (``logit_kd``,
+:mod:`student_train.losses.baselines`) are named settings of :class:`ObjectiveConfig` (see
+:data:`PRESETS`), not code forks.
 
 The teacher enters only through cached tensors: final hidden states, the LM head and the input
 embedding table. Exact teacher logits are rebuilt chunk by chunk
@@ -21,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pipeline.tokenize import IGNORE_INDEX
+from student_train.losses import baselines
 from student_train.losses.cma import Projectors, apply_linear, cross_model_attention, formal_ids
 from student_train.losses.divergences import (
     compute_dtype,
@@ -47,8 +52,10 @@ __all__ = [
     "compute_terms",
 ]
 
-IGNORE_INDEX = -100
-TERM_NAMES = ("ce", "proj_ce", "kd_student", "kd_teacher", "dtw_hidden", "dtw_embed")
+TERM_NAMES = ("ce", "proj_ce", "kd_student", "kd_teacher", "dtw_hidden", "dtw_embed", "logit_kd")
+LOGIT_KD = ("none", "uld", "uld_topk", "mined", "multilevel_ot")
+_PAIRINGS = ("first_n", "offsets")
+_MLOT_SORTS = ("token", "batch")
 _STUDENT_DIVERGENCES = ("forward_kl", "skewed_reverse_kl")
 _STUDENT_NORMS = ("entropy", "product")
 _DTW_POSITIONS = ("response", "ref_first_n")
@@ -121,16 +128,47 @@ class ObjectiveConfig:
     check_inputs: bool = field(
         default=True, metadata=_help("check finiteness and id ranges of inputs (one host sync each)")
     )
+    logit_kd: str = field(
+        default="none",
+        metadata=_help(
+            "logit-level baseline term: none, uld (Boizard et al.), uld_topk (ULD from the cached top-k "
+            "only), mined (Wan et al.), multilevel_ot (Cui et al.); see docs/BASELINES.md"
+        ),
+    )
+    lambda_logit: float = field(default=0.0, metadata=_help("weight of the logit_kd term (>= 0)"))
+    pairing: str = field(
+        default="first_n",
+        metadata=_help(
+            "ULD/MultiLevelOT position pairing: first_n (k-th response position with k-th, the reference "
+            "code) or offsets (positions predicting the same characters, from character offsets)"
+        ),
+    )
+    mlot_sort: str = field(
+        default="token",
+        metadata=_help(
+            "MultiLevelOT column order: token (per-row sort, code at publication) or batch (HEAD)"
+        ),
+    )
+    mlot_top_k: int = field(default=50, metadata=_help("MultiLevelOT kept probability columns (>= 1)"))
 
     def __post_init__(self) -> None:
         """Range checks; every message names the field and the allowed range."""
-        for name in ("lambda_ce", "lambda_kd", "lambda_dtw", "band_base_width", "band_entropy_coef"):
+        for name in (
+            "lambda_ce", "lambda_kd", "lambda_dtw", "lambda_logit", "band_base_width", "band_entropy_coef"
+        ):  # fmt: skip
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.band_penalty >= 0:
             raise ValueError(f"band_penalty must be >= 0, got {self.band_penalty}")
-        if self.lambda_ce == 0 and self.lambda_kd == 0 and self.lambda_dtw == 0:
-            raise ValueError("at least one of lambda_ce, lambda_kd, lambda_dtw must be > 0")
+        if self.lambda_ce == 0 and self.lambda_kd == 0 and self.lambda_dtw == 0 and self.lambda_logit == 0:
+            raise ValueError("at least one of lambda_ce, lambda_kd, lambda_dtw, lambda_logit must be > 0")
+        if (self.lambda_logit > 0) != (self.logit_kd != "none"):
+            raise ValueError(
+                f"logit_kd={self.logit_kd!r} with lambda_logit={self.lambda_logit}: a logit-level term needs "
+                "both a method and a weight > 0 (or neither)"
+            )
+        if self.mlot_top_k < 1:
+            raise ValueError(f"mlot_top_k must be >= 1, got {self.mlot_top_k}")
         for name in ("kd_temperature", "dtw_gamma"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -145,6 +183,9 @@ class ObjectiveConfig:
             ("student_weight_normalisation", _STUDENT_NORMS),
             ("dtw_positions", _DTW_POSITIONS),
             ("cma_std_scope", _STD_SCOPES),
+            ("logit_kd", LOGIT_KD),
+            ("pairing", _PAIRINGS),
+            ("mlot_sort", _MLOT_SORTS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -165,9 +206,34 @@ class ObjectiveConfig:
         return self.dtw_enabled and self.band_penalty > 0
 
     @property
-    def needs_teacher(self) -> bool:
-        """Teacher tensors and projectors are required."""
+    def logit_enabled(self) -> bool:
+        """A logit-level baseline term (ULD, MinED, MultiLevelOT) is computed."""
+        return self.lambda_logit > 0
+
+    @property
+    def needs_projectors(self) -> bool:
+        """Trainable projectors and the teacher embedding table are required (DSKD family)."""
         return self.kd_enabled or self.dtw_enabled
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Teacher tensors from the cache are required."""
+        return self.needs_projectors or self.logit_enabled
+
+    @property
+    def needs_teacher_head(self) -> bool:
+        """Exact teacher logits (cached hidden states x head) are required."""
+        return self.kd_enabled or self.logit_kd in ("uld", "mined", "multilevel_ot")
+
+    @property
+    def needs_offsets_pairing(self) -> bool:
+        """The batch must carry the character-offset position map."""
+        return self.logit_kd in ("uld", "uld_topk", "multilevel_ot") and self.pairing == "offsets"
+
+    @property
+    def needs_mined_alignment(self) -> bool:
+        """The batch must carry MinED's edit-distance alignment (needs the teacher tokenizer)."""
+        return self.logit_kd == "mined"
 
     @property
     def needs_cma(self) -> bool:
@@ -204,6 +270,16 @@ _DSKD = dict(
     gate=False,
 )
 
+_LOGIT = dict(
+    lambda_ce=0.5,
+    lambda_kd=0.0,
+    lambda_dtw=0.0,
+    lambda_logit=0.5,
+    kd_temperature=2.0,
+    entropy_weighting=False,
+    gate=False,
+)
+
 PRESETS: dict[str, ObjectiveConfig] = {
     "sft": ObjectiveConfig(
         method="sft", lambda_ce=1.0, lambda_kd=0.0, lambda_dtw=0.0, entropy_weighting=False, gate=False
@@ -217,6 +293,14 @@ PRESETS: dict[str, ObjectiveConfig] = {
     "dskd_w_dtw": ObjectiveConfig(method="dskd_w_dtw", **{**_DSKD, "lambda_dtw": 0.2, "band_penalty": 0.0}),
     "dskd_w_bdtw": ObjectiveConfig(method="dskd_w_bdtw", **{**_DSKD, "lambda_dtw": 0.2, "band_penalty": 1.0}),
     "dwa_kd_wo_gate": ObjectiveConfig(method="dwa_kd_wo_gate", gate=False),
+    # Logit-level baselines of Table 1 (docs/BASELINES.md): (1 - a) CE + a * term, as DSKD's criteria.
+    "uld": ObjectiveConfig(method="uld", **_LOGIT, logit_kd="uld"),
+    "uld_topk": ObjectiveConfig(method="uld_topk", **_LOGIT, logit_kd="uld_topk"),
+    "mined": ObjectiveConfig(method="mined", **_LOGIT, logit_kd="mined"),
+    # MultiLevelOT: CE (weight 1) + its distillation loss (its 1.5 inside), a per-batch mean in the reference
+    "multilevel_ot": ObjectiveConfig(
+        method="multilevel_ot", **{**_LOGIT, "lambda_ce": 1.0, "lambda_logit": 1.0}, logit_kd="multilevel_ot"
+    ),
     # Fidelity variant: what the reference scripts actually run (SRKL, first-n DTW rows).
     "dwa_kd_reference": ObjectiveConfig(
         method="dwa_kd_reference",
@@ -252,6 +336,14 @@ class ObjectiveInputs:
         teacher_head: ``[V_T, d_T]`` teacher LM head (constant; pass fp32 to avoid a per-step cast).
         teacher_embeddings: ``[V_T', d_T]`` teacher input-embedding table (constant).
         teacher_attention_mask: ``[B, m]`` 1 on real (non-pad) teacher rows; default: all rows real.
+        teacher_topk_logprobs: ``[B, m, k]`` cached top-k next-token log-probs (``uld_topk``).
+        aligned_positions: ``[B, n]`` long, for each student response position the teacher position that
+            predicts the same characters, ``-1`` if none (``pairing="offsets"``;
+            :func:`student_train.align.aligned_next_token_positions`).
+        mined_positions: ``[B, n]`` long, MinED's aligned teacher position per student response position,
+            ``-1`` where the one-hot target is used (:func:`student_train.align.mined_aligned_positions`).
+        mined_map: ``(stu_ids [K], tea_ids [K])`` long, the vocabulary map's image in the student vocabulary
+            and the first teacher id mapped to each (``mined``).
     """
 
     student_logits: torch.Tensor
@@ -266,6 +358,10 @@ class ObjectiveInputs:
     teacher_head: torch.Tensor | None = None
     teacher_embeddings: torch.Tensor | None = None
     teacher_attention_mask: torch.Tensor | None = None
+    teacher_topk_logprobs: torch.Tensor | None = None
+    aligned_positions: torch.Tensor | None = None
+    mined_positions: torch.Tensor | None = None
+    mined_map: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def validate(self, cfg: ObjectiveConfig) -> None:
         """Raise ``ValueError`` on missing, mis-shaped, non-finite or out-of-range inputs for ``cfg``."""
@@ -279,13 +375,17 @@ class ObjectiveInputs:
             _check_ids("student_labels", self.student_labels, v_s, ignore=True)
         if not cfg.needs_teacher:
             return
-        needed = [
-            "student_hidden",
-            "student_target_embeds",
-            "teacher_hidden",
-            "teacher_labels",
-            "teacher_embeddings",
-        ]
+        needed = ["teacher_hidden", "teacher_labels"]
+        if cfg.needs_projectors:
+            needed += ["student_hidden", "student_target_embeds", "teacher_embeddings"]
+        if cfg.needs_teacher_head:
+            needed += ["teacher_head"]
+        if cfg.logit_kd == "uld_topk":
+            needed += ["teacher_topk_logprobs"]
+        if cfg.needs_offsets_pairing:
+            needed += ["aligned_positions"]
+        if cfg.needs_mined_alignment:
+            needed += ["mined_positions", "mined_map", "teacher_input_ids"]
         if cfg.needs_cma:
             needed += ["student_input_embeds", "student_head", "teacher_input_ids"]
         if cfg.kd_enabled:
@@ -296,14 +396,19 @@ class ObjectiveInputs:
                 f"method {cfg.method!r} needs ObjectiveInputs fields {missing}, which are None; "
                 "the trainer must fill them from the student forward and the teacher cache"
             )
-        _expect_dims("student_hidden", self.student_hidden, 3, "[B, n, d_S]")
-        d_s = self.student_hidden.shape[-1]
-        _expect_shape("student_hidden", self.student_hidden, (bsz, n, d_s), "[B, n, d_S]")
-        for name in ("student_input_embeds", "student_target_embeds"):
+        for name in ("aligned_positions", "mined_positions"):
             if getattr(self, name) is not None:
-                _expect_shape(name, getattr(self, name), (bsz, n, d_s), "[B, n, d_S]")
-        if self.student_head is not None:
-            _expect_shape("student_head", self.student_head, (v_s, d_s), "[V_S, d_S]")
+                _expect_shape(name, getattr(self, name), (bsz, n), "[B, n]")
+                _expect_int(name, getattr(self, name))
+        if self.student_hidden is not None:
+            _expect_dims("student_hidden", self.student_hidden, 3, "[B, n, d_S]")
+            d_s = self.student_hidden.shape[-1]
+            _expect_shape("student_hidden", self.student_hidden, (bsz, n, d_s), "[B, n, d_S]")
+            for name in ("student_input_embeds", "student_target_embeds"):
+                if getattr(self, name) is not None:
+                    _expect_shape(name, getattr(self, name), (bsz, n, d_s), "[B, n, d_S]")
+            if self.student_head is not None:
+                _expect_shape("student_head", self.student_head, (v_s, d_s), "[V_S, d_S]")
         _expect_dims("teacher_hidden", self.teacher_hidden, 3, "[B, m, d_T]")
         if self.teacher_hidden.shape[0] != bsz:
             raise ValueError(
@@ -316,12 +421,20 @@ class ObjectiveInputs:
         if self.teacher_input_ids is not None:
             _expect_shape("teacher_input_ids", self.teacher_input_ids, (bsz, m), "[B, m]")
             _expect_int("teacher_input_ids", self.teacher_input_ids)
-        _expect_dims("teacher_embeddings", self.teacher_embeddings, 2, "[V_T, d_T]")
-        if self.teacher_embeddings.shape[1] != d_t:
-            raise ValueError(
-                f"teacher_embeddings has width {self.teacher_embeddings.shape[1]} but teacher_hidden has "
-                f"d_T={d_t}; both must come from the same teacher"
-            )
+        if self.teacher_topk_logprobs is not None:
+            _expect_dims("teacher_topk_logprobs", self.teacher_topk_logprobs, 3, "[B, m, k]")
+            if tuple(self.teacher_topk_logprobs.shape[:2]) != (bsz, m):
+                raise ValueError(
+                    f"teacher_topk_logprobs must have shape [B, m, k] with B, m = {bsz}, {m}, got "
+                    f"{tuple(self.teacher_topk_logprobs.shape)}"
+                )
+        if self.teacher_embeddings is not None:
+            _expect_dims("teacher_embeddings", self.teacher_embeddings, 2, "[V_T, d_T]")
+            if self.teacher_embeddings.shape[1] != d_t:
+                raise ValueError(
+                    f"teacher_embeddings has width {self.teacher_embeddings.shape[1]} but teacher_hidden has "
+                    f"d_T={d_t}; both must come from the same teacher"
+                )
         if self.teacher_head is not None:
             _expect_dims("teacher_head", self.teacher_head, 2, "[V_T, d_T]")
             if self.teacher_head.shape[1] != d_t:
@@ -342,14 +455,14 @@ class ObjectiveInputs:
                 _expect_float(name, getattr(self, name))
                 if cfg.check_inputs:
                     _check_finite(name, getattr(self, name))
-        if cfg.check_inputs:
+        if cfg.check_inputs and self.teacher_embeddings is not None:
             v_emb = self.teacher_embeddings.shape[0]
             t_mask = self.teacher_labels.ne(IGNORE_INDEX)
             _check_ids("teacher_labels", self.teacher_labels, v_emb, ignore=True)
             if self.teacher_input_ids is not None:
                 _check_ids("teacher_input_ids", self.teacher_input_ids[t_mask], v_emb, ignore=False)
-            if self.teacher_head is not None:
-                _check_ids("teacher_labels", self.teacher_labels, self.teacher_head.shape[0], ignore=True)
+        if cfg.check_inputs and self.teacher_head is not None:
+            _check_ids("teacher_labels", self.teacher_labels, self.teacher_head.shape[0], ignore=True)
 
 
 def _expect_dims(name: str, t: torch.Tensor, dims: int, spec: str) -> None:
@@ -460,12 +573,16 @@ def compute_terms(
         terms["ce"] = F.cross_entropy(s_logits, y, reduction="sum")
     if not cfg.needs_teacher:
         return terms, counts
+    t_mask = inputs.teacher_labels.ne(IGNORE_INDEX)
+    counts["teacher_tokens"] = t_mask.sum()
+    if cfg.logit_enabled:
+        terms["logit_kd"] = logit_kd_term(cfg, inputs, s_mask, t_mask).to(dtype)
+    if not cfg.needs_projectors:
+        return terms, counts
 
     d_s = inputs.student_hidden.shape[-1]
     d_t = inputs.teacher_hidden.shape[-1]
     proj = _check_projectors(cfg, projectors, d_s, d_t)
-    t_mask = inputs.teacher_labels.ne(IGNORE_INDEX)
-    counts["teacher_tokens"] = t_mask.sum()
     t_table = inputs.teacher_embeddings.detach()
     t_tg_ids = formal_ids(inputs.teacher_labels, inputs.teacher_labels)
     t_tg = F.embedding(t_tg_ids, t_table).to(dtype)
@@ -555,6 +672,62 @@ def compute_terms(
     return terms, counts
 
 
+def _pairs_from_map(
+    positions: torch.Tensor, s_mask: torch.Tensor, m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat (student row, teacher row) indices of the response positions that have a teacher position."""
+    keep = s_mask & positions.ge(0)
+    b, j = keep.nonzero(as_tuple=True)
+    return b * s_mask.shape[1] + j, b * m + positions[b, j]
+
+
+def logit_kd_term(
+    cfg: ObjectiveConfig, inputs: ObjectiveInputs, s_mask: torch.Tensor, t_mask: torch.Tensor
+) -> torch.Tensor:
+    """The logit-level baseline term (ULD, MinED, MultiLevelOT) as a sum over student tokens.
+
+    MultiLevelOT's reference loss is a per-batch mean; it is multiplied by the micro-batch's number of
+    student response tokens so that the trainer's division by the token count gives back that mean.
+    """
+    s_logits = inputs.student_logits
+    bsz, n, v_s = s_logits.shape
+    m = inputs.teacher_hidden.shape[1]
+    flat_s = s_logits.reshape(bsz * n, v_s)
+    flat_h = inputs.teacher_hidden.reshape(bsz * m, -1)
+    head = inputs.teacher_head
+    if cfg.logit_kd in ("uld", "uld_topk"):
+        if cfg.pairing == "offsets":
+            ps, pt = _pairs_from_map(inputs.aligned_positions, s_mask, m)
+        else:
+            ps, pt = baselines.first_n_pairs(inputs.student_labels, inputs.teacher_labels)
+        if cfg.logit_kd == "uld_topk":
+            k = inputs.teacher_topk_logprobs.shape[-1]
+            return baselines.uld_loss_topk(flat_s[ps], inputs.teacher_topk_logprobs.reshape(bsz * m, k)[pt])
+        return baselines.uld_loss(flat_s[ps], baselines.teacher_logits(flat_h[pt], head))
+    if cfg.logit_kd == "mined":
+        b, j = s_mask.nonzero(as_tuple=True)
+        pos = inputs.mined_positions[b, j]
+        aligned = pos.ge(0)
+        rows = baselines.teacher_logits(flat_h[b * m + pos.clamp(min=0)], head)
+        stu_ids, tea_ids = inputs.mined_map
+        target = baselines.mined_targets(rows, aligned, inputs.student_labels[b, j], stu_ids, tea_ids, v_s)
+        return baselines.mined_loss(s_logits[b, j], target, cfg.kd_temperature)
+    # multilevel_ot
+    s_rows, t_rows = [], []
+    for bb in range(bsz):
+        s_pos = s_mask[bb].nonzero(as_tuple=True)[0]
+        t_pos = t_mask[bb].nonzero(as_tuple=True)[0]
+        if cfg.pairing == "offsets":  # the paired positions only, in order, plus the EOS row MLOT drops
+            mapped = inputs.aligned_positions[bb, s_pos]
+            keep = mapped.ge(0)
+            t_pos = mapped[keep]
+            s_pos = torch.cat([s_pos[keep], s_pos[-1:]])
+        s_rows.append(s_logits[bb, s_pos])
+        t_rows.append(baselines.teacher_logits(inputs.teacher_hidden[bb, t_pos], head))
+    mlot = baselines.multilevel_ot_loss(s_rows, t_rows, top_k=cfg.mlot_top_k, sort=cfg.mlot_sort)
+    return mlot * s_mask.sum()
+
+
 def compute_objective(
     cfg: ObjectiveConfig, inputs: ObjectiveInputs, projectors: Projectors | None = None
 ) -> ObjectiveOutput:
@@ -578,6 +751,7 @@ def compute_objective(
         cfg.lambda_ce * terms["ce"]
         + cfg.lambda_kd * (terms["proj_ce"] + terms["kd_student"] + terms["kd_teacher"])
         + cfg.lambda_dtw * (terms["dtw_hidden"] + terms["dtw_embed"])
+        + cfg.lambda_logit * terms["logit_kd"]
     )
     return ObjectiveOutput(
         total=total,
