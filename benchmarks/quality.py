@@ -120,6 +120,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--teacher-eval-seeds", default="10", help="teacher sampling seeds")
     ap.add_argument(
+        "--teacher-bpb-samples",
+        type=int,
+        default=50,
+        help="teacher references per set for bpb; every row also reports bpb on this common slice",
+    )
+    ap.add_argument(
         "--student-base", action="store_true", help="also evaluate the untrained (pruned) student"
     )
     ap.add_argument(
@@ -247,14 +253,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sets = [(n, str(SHARED / p)) for n, p in TEST_SETS]
 
-    def evaluate(checkpoint: str, evdir: Path, log: Path, samples: int, seeds: str) -> dict:
+    def evaluate(
+        checkpoint: str, evdir: Path, log: Path, samples: int, seeds: str, bpb: int | None = None
+    ) -> dict:
         if not (evdir / "metrics.json").exists():
             sets_yaml = "[" + ",".join(f"{{name: {n}, path: {p}}}" for n, p in sets) + "]"
             sh(
                 [
                     py, "-m", "pipeline.evaluate", "--checkpoint", checkpoint, "--no-progress",
                     f"sets={sets_yaml}", f"seeds=[{seeds}]", f"max_samples={samples}",
-                    f"bpb_max_samples={args.bpb_samples or 'null'}", f"max_new_tokens={args.max_new_tokens}",
+                    f"bpb_max_samples={(bpb or args.bpb_samples) or 'null'}", f"max_new_tokens={args.max_new_tokens}",
                     f"max_prompt_length={half}", f"output={evdir}", "batch_size=25",
                 ],
                 log,
@@ -265,9 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict]] = {}
     if args.teacher:
         teacher = cache_cfg["teacher"]["path"]
+        tname = f"teacher-eval-n{args.teacher_eval_samples}-b{args.teacher_bpb_samples}"
         m = evaluate(
-            teacher, work / f"teacher-{ev_name}", work / f"teacher-{ev_name}.log",
-            args.teacher_eval_samples, args.teacher_eval_seeds,
+            teacher, work / tname, work / f"{tname}.log",
+            args.teacher_eval_samples, args.teacher_eval_seeds, args.teacher_bpb_samples,
         )  # fmt: skip
         results["teacher"] = [m]
         print(f"teacher: {summary_line(m)}", flush=True)
@@ -300,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault(key, []).append(m)
                 print(f"{key} seed {seed}: {summary_line(m)} (train {m['train_seconds']} s)", flush=True)
 
-    table, summary = make_table(results, [n for n, _ in sets])
+    table, summary = make_table(results, [n for n, _ in sets], args.teacher_bpb_samples)
     print(table)
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "summary": summary}, indent=2))
@@ -327,15 +336,27 @@ def summary_line(m: dict) -> str:
     )
 
 
-def make_table(results: dict[str, list[dict]], names: list[str]) -> tuple[str, dict]:
-    """Markdown table: mean ± std over training seeds of ROUGE-L and bpb per set, and the bpb average."""
+def common_bpb(m: dict, names: list[str], n: int) -> float | None:
+    """Mean over sets of the bpb pooled over each set's first ``n`` references (None without per-row data)."""
+    from pipeline.evaluate import pooled_bpb
+
+    if not all("bpb_rows" in m["sets"][k] and len(m["sets"][k]["bpb_rows"]) >= min(n, m["sets"][k]["n_bpb"])
+               for k in names):  # fmt: skip
+        return None
+    return statistics.mean(pooled_bpb(m["sets"][k]["bpb_rows"][:n]) for k in names)
+
+
+def make_table(results: dict[str, list[dict]], names: list[str], common_n: int = 50) -> tuple[str, dict]:
+    """Markdown table: mean ± std over training seeds of ROUGE-L and bpb per set, the bpb average, and the
+    bpb average on the first ``common_n`` references of each set (the slice every row, the teacher's
+    included, is scored on)."""
     lines = [
         "| method | seeds | "
         + " | ".join(f"{n} ROUGE-L" for n in names)
         + " | "
         + " | ".join(f"{n} bpb" for n in names)
-        + " | mean bpb | train s |",
-        "|" + "---|" * (4 + 2 * len(names)),
+        + f" | mean bpb | mean bpb@{common_n} | train s |",
+        "|" + "---|" * (5 + 2 * len(names)),
     ]
     summary = {}
     for method, ms in results.items():
@@ -343,11 +364,22 @@ def make_table(results: dict[str, list[dict]], names: list[str]) -> tuple[str, d
                    "bpb": mean_std([m["sets"][n]["bits_per_byte"] for m in ms])} for n in names}  # fmt: skip
         avg = mean_std([statistics.mean(m["sets"][n]["bits_per_byte"] for n in names) for m in ms])
         secs = [m["train_seconds"] for m in ms if m.get("train_seconds")]
-        summary[method] = {"sets": row, "mean_bpb": avg, "n": len(ms), "train_seconds": secs}
+        common = [c for m in ms if (c := common_bpb(m, names, common_n)) is not None]
+        cb = mean_std(common) if len(common) == len(ms) else None
+        summary[method] = {
+            "sets": row,
+            "mean_bpb": avg,
+            "n": len(ms),
+            "train_seconds": secs,
+            "common_bpb": cb,
+        }
         rouge = " | ".join("{:.2f} ± {:.2f}".format(*row[n]["rougeL"]) for n in names)
         bpb = " | ".join("{:.3f} ± {:.3f}".format(*row[n]["bpb"]) for n in names)
         sec = f"{statistics.mean(secs):.0f}" if secs else "-"
-        lines.append(f"| {method} | {len(ms)} | {rouge} | {bpb} | {avg[0]:.3f} ± {avg[1]:.3f} | {sec} |")
+        cbs = f"{cb[0]:.3f} ± {cb[1]:.3f}" if cb else "-"
+        lines.append(
+            f"| {method} | {len(ms)} | {rouge} | {bpb} | {avg[0]:.3f} ± {avg[1]:.3f} | {cbs} | {sec} |"
+        )
     return "\n".join(lines) + "\n", summary
 
 

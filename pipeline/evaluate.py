@@ -137,16 +137,18 @@ def generate(model, tok, prompts: list[str], cfg: EvalConfig, seed: int, progres
     return outs
 
 
-def _bpb_rows(tok, prompts, references, cfg: EvalConfig) -> list[tuple[list[int], int, int]]:
-    """(prompt+reference ids, first scored target index, reference bytes) per non-empty reference."""
-    rows = []
+def _bpb_rows(tok, prompts, references, cfg: EvalConfig) -> list[tuple[list[int], int, int] | None]:
+    """(prompt+reference ids, first scored target index, reference bytes) per reference (None if empty)."""
+    rows: list[tuple[list[int], int, int] | None] = []
     for p, r in zip(prompts, references):
         if not r.strip():
+            rows.append(None)
             continue
         p_ids = _prompt_ids(tok, p, cfg.max_prompt_length)
         enc = tok(r, add_special_tokens=False, return_offsets_mapping=True)
         r_ids = enc["input_ids"][: cfg.max_new_tokens]
         if not r_ids:
+            rows.append(None)
             continue
         kept = r[: enc["offset_mapping"][len(r_ids) - 1][1]]
         rows.append((p_ids + r_ids, max(len(p_ids) - 1, 0), len(kept.encode("utf-8"))))
@@ -160,14 +162,28 @@ def bits_per_byte(model, tok, prompts: list[str], references: list[str], cfg: Ev
     characters count. Rows are scored in right-padded batches of ``batch_size`` sorted by length
     (padding is masked out; causal attention makes each row's scores those of the row alone).
     """
+    per_row = bits_per_byte_rows(model, tok, prompts, references, cfg)
+    return pooled_bpb(per_row)
+
+
+def pooled_bpb(per_row: list[list[float] | None]) -> float:
+    """Bits per byte pooled over rows of ``[nats, bytes]`` (None rows skipped)."""
+    rows = [r for r in per_row if r is not None]
+    return sum(r[0] for r in rows) / math.log(2) / max(sum(r[1] for r in rows), 1)
+
+
+def bits_per_byte_rows(model, tok, prompts, references, cfg: EvalConfig) -> list[list[float] | None]:
+    """Per reference ``[nats, bytes]`` (None for an empty one), in input order: any slice pools later."""
     import torch
 
     rows = _bpb_rows(tok, prompts, references, cfg)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    live = [i for i, r in enumerate(rows) if r is not None]
+    order = sorted(live, key=lambda i: len(rows[i][0]))
     device = next(model.parameters()).device
-    nats, nbytes = 0.0, 0
+    out: list[list[float] | None] = [None] * len(rows)
     for s in range(0, len(order), max(cfg.batch_size, 1)):
-        batch = [rows[i] for i in order[s : s + cfg.batch_size]]
+        idx = order[s : s + cfg.batch_size]
+        batch = [rows[i] for i in idx]
         width = max(len(ids) for ids, _, _ in batch)
         x = torch.zeros((len(batch), width), dtype=torch.long)
         m = torch.zeros_like(x)
@@ -179,9 +195,8 @@ def bits_per_byte(model, tok, prompts: list[str], references: list[str], cfg: Ev
         for i, (ids, start, nb) in enumerate(batch):
             lp = logits[i, : len(ids) - 1].log_softmax(-1)
             tgt = x[i, 1 : len(ids)].to(device)
-            nats -= lp[torch.arange(start, len(tgt), device=device), tgt[start:]].sum().item()
-            nbytes += nb
-    return nats / math.log(2) / max(nbytes, 1)
+            out[idx[i]] = [-lp[torch.arange(start, len(tgt), device=device), tgt[start:]].sum().item(), nb]
+    return out
 
 
 def evaluate(checkpoint: str, cfg: EvalConfig, progress: bool = True) -> dict:
@@ -243,9 +258,11 @@ def evaluate(checkpoint: str, cfg: EvalConfig, progress: bool = True) -> dict:
         }
         if cfg.bits_per_byte:
             t = time.time()
-            entry["bits_per_byte"] = bits_per_byte(
+            per_row = bits_per_byte_rows(
                 model, tok, [r.prompt for r in bpb_recs], [r.response for r in bpb_recs], cfg
             )
+            entry["bits_per_byte"] = pooled_bpb(per_row)
+            entry["bpb_rows"] = per_row  # [nats, bytes] per reference, in set order: any prefix pools again
             entry["bpb_seconds"] = round(time.time() - t, 1)
         results["sets"][es.name] = entry
     gens.close()

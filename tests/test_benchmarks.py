@@ -45,3 +45,26 @@ def test_soft_dtw_benchmark_quick():
     # the float64 torch and numba paths must agree (the oracle cross-check the benchmark prints)
     errs = [float(x) for x in re.findall(r"oracle cross-check\): ([0-9.e+-]+)", out)]
     assert errs and max(errs) < 1e-9
+
+
+def test_quality_table_pools_bpb_on_the_common_slice_and_reports_spread():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import quality
+
+    def metrics(rouge, rows):
+        return {
+            "sets": {
+                "a": {"rougeL_mean": rouge, "bits_per_byte": 1.0, "n_bpb": len(rows), "bpb_rows": rows},
+                "b": {"rougeL_mean": rouge + 1, "bits_per_byte": 2.0, "n_bpb": len(rows), "bpb_rows": rows},
+            },
+            "train_seconds": 10.0,
+        }
+
+    ln2 = 0.6931471805599453
+    rows1 = [[ln2 * 8, 8], [ln2 * 2, 1], None]  # pooled over the first 2 rows: 10 bits / 9 bytes
+    rows2 = [[ln2 * 8, 8], [ln2 * 8, 8], [100.0, 1]]
+    table, summary = quality.make_table({"sft": [metrics(4.0, rows1), metrics(6.0, rows2)]}, ["a", "b"], 2)
+    assert summary["sft"]["sets"]["a"]["rougeL"] == (5.0, 2**0.5)
+    cb = summary["sft"]["common_bpb"]
+    assert abs(cb[0] - (10 / 9 + 1.0) / 2) < 1e-9
+    assert "| sft | 2 | 5.00 ± 1.41 | 6.00 ± 1.41 |" in table and "mean bpb@2" in table
