@@ -104,7 +104,11 @@ def main() -> int:
         "--presets",
         default="dwa_kd",
         help="objective presets timed from the cache beside SFT (e.g. dskd,dskd_w_ew: the differences give the "
-        "cost of each part of the loss); dwa_kd is always timed, and the live-teacher variant uses it",
+        "cost of each part of the loss; uld,uld_topk,mined,multilevel_ot: the baselines); dwa_kd is always "
+        "timed, and the live-teacher variant uses it",
+    )
+    ap.add_argument(
+        "--teacher-tokenizer", default=None, help="for MinED on a cache built before caches stored it"
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -143,15 +147,35 @@ def main() -> int:
         max_length=args.max_length,
         with_teacher=True,
     )
-    batches = list(CacheBatches(cache, sched, 0, 0, kw))[: args.steps]
+    presets = [p.strip() for p in args.presets.split(",") if p.strip() and p.strip() != "dwa_kd"] + ["dwa_kd"]
+    cfgs = {p: ObjectiveConfig.preset(p, check_inputs=False) for p in presets}
+    t = time.perf_counter()
+    plain = list(CacheBatches(cache, sched, 0, 0, kw))[: args.steps]
+    collate_plain = (time.perf_counter() - t) / len(plain)
+    mined, collate_aligned = None, None
+    if any(c.logit_enabled for c in cfgs.values()):
+        # the logit-level baselines need per-sample alignments, computed at collation (loader workers)
+        from student_train.align import BatchAlignment, MinedVocab
+
+        if any(c.needs_mined_alignment for c in cfgs.values()):
+            mined = MinedVocab(cache.load_teacher_tokenizer(args.teacher_tokenizer), tok)
+        kw["alignment"] = BatchAlignment(offsets=True, mined=mined, topk=True)
+        t = time.perf_counter()
+        batches = list(CacheBatches(cache, sched, 0, 0, kw))[: args.steps]
+        collate_aligned = (time.perf_counter() - t) / len(batches)
+    else:
+        batches = plain
     tokens = sum(b.num_label_tokens for b in batches)
 
     head, emb = cache.load_head()[0].float(), cache.load_embeddings().float()
     proj = Projectors(args.student_hidden, cache.hidden_size)
     sft = Distiller(student, None, ObjectiveConfig.preset("sft"))
-    presets = [p.strip() for p in args.presets.split(",") if p.strip() and p.strip() != "dwa_kd"] + ["dwa_kd"]
+    mined_map = tuple(torch.from_numpy(a) for a in mined.image()) if mined is not None else None
     kd = {
-        p: Distiller(student, proj, ObjectiveConfig.preset(p, check_inputs=False), head, emb) for p in presets
+        p: Distiller(student, None, c, head, None, mined_map)
+        if c.logit_enabled
+        else Distiller(student, proj, c, head, emb)
+        for p, c in cfgs.items()
     }
     dwa = kd["dwa_kd"]
     opt = torch.optim.AdamW(list(student.parameters()) + list(proj.parameters()), lr=1e-5)
@@ -237,6 +261,12 @@ def main() -> int:
     print(
         f"loader {loader_bps:.1f} batches/s vs consumption {consume_bps:.2f} batches/s = {loader_bps / consume_bps:.1f}x (target >= 10)"
     )
+    if collate_aligned is not None:
+        print(
+            f"collation per batch: {collate_plain * 1e3:.0f} ms plain, {collate_aligned * 1e3:.0f} ms with the "
+            f"baselines' alignments (offsets{', MinED edit-distance DTW' if mined else ''}, top-k) = "
+            f"{collate_aligned / collate_plain:.1f}x; in loader workers, beside the step"
+        )
     return 0
 
 

@@ -261,8 +261,21 @@ class BatchAlignment:
         t_ids: np.ndarray,
         t_offsets: np.ndarray,
         t_pos: np.ndarray,
+        text_length: int | None = None,
     ) -> dict[str, np.ndarray]:
-        """Teacher positions for each student response position ``s_pos`` (``-1`` = none), per kind."""
+        """Teacher positions for each student response position ``s_pos`` (``-1`` = none), per kind.
+
+        Offsets must be spans inside the text (``text_length`` characters, when given): anything else
+        means the cache and the records disagree, and is an error.
+        """
+        if text_length is not None:
+            for name, off in (("student", s_offsets), ("teacher", t_offsets)):
+                off = np.asarray(off).reshape(-1, 2)
+                if len(off) and (off.min() < 0 or off.max() > text_length or (off[:, 1] < off[:, 0]).any()):
+                    raise ValueError(
+                        f"{name} offsets {off.min()}..{off.max()} do not lie inside the text of "
+                        f"{text_length} characters (or a span is reversed)"
+                    )
         out = {}
         if self.offsets:
             out["offsets"] = aligned_next_token_positions(s_offsets, t_offsets, s_pos, t_pos)

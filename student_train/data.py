@@ -147,9 +147,19 @@ def collate(
         for i, r in enumerate(rows):
             s_pos = np.flatnonzero(s_labels[i] != IGNORE)
             t_pos = np.flatnonzero(t_labels[i].numpy() != IGNORE)
-            for kind, vals in alignment.sample(
-                s_ids[i], s_offsets[i], s_pos, r.input_ids, r.offsets, t_pos
-            ).items():
+            try:
+                found = alignment.sample(
+                    s_ids[i],
+                    s_offsets[i],
+                    s_pos,
+                    r.input_ids,
+                    r.offsets,
+                    t_pos,
+                    len(r.prompt) + len(r.response),
+                )
+            except ValueError as e:
+                raise ValueError(f"sample {r.sample_id}: cannot align student and teacher tokens: {e}") from e
+            for kind, vals in found.items():
                 pos[kind][i, torch.from_numpy(s_pos)] = torch.from_numpy(vals)
         if alignment.offsets:
             batch.aligned_positions = pos["offsets"]

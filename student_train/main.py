@@ -86,6 +86,8 @@ def main(argv=None) -> int:
     # what the objective needs beyond the cached tensors: pairings computed per sample at collation
     alignment, mined = None, None
     if objective.needs_offsets_pairing or objective.needs_mined_alignment or objective.logit_kd == "uld_topk":
+        if objective.logit_kd == "uld_topk" and int(cache.manifest["settings"].get("top_k") or 0) < 1:
+            raise ValueError(f"{cfg.data.cache} has no topk_logprobs column (top_k=0): uld_topk needs it")
         if objective.needs_mined_alignment:
             mined = MinedVocab(cache.load_teacher_tokenizer(cfg.data.teacher_tokenizer), tok)
         alignment = BatchAlignment(

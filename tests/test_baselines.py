@@ -336,3 +336,34 @@ def test_logit_kd_needs_a_method_and_a_weight():
     with pytest.raises(ValueError, match="logit_kd must be one of"):
         ObjectiveConfig(logit_kd="uldx", lambda_logit=0.5)
     assert math.isclose(PRESETS["multilevel_ot"].lambda_ce, 1.0)
+
+
+def test_alignment_refuses_offsets_outside_the_text_naming_the_sample(gpt2_tokenizer):
+    from types import SimpleNamespace
+
+    from student_train.align import BatchAlignment
+    from student_train.data import collate
+
+    row = SimpleNamespace(
+        sample_id="s-1",
+        prompt="Say hi. ",
+        response="Hi there.",
+        input_ids=np.array([5, 6, 7, 8, 9]),
+        offsets=np.array([[0, 4], [4, 8], [8, 10], [10, 40], [17, 17]]),  # 40 > 17 characters
+        response_start=2,
+        hidden=torch.zeros(4, 3),
+        topk_logprobs=np.zeros((4, 2), dtype=np.float32),
+    )
+    with pytest.raises(
+        ValueError, match=r"sample s-1: cannot align .* teacher offsets 0\.\.40 do not lie inside"
+    ):
+        collate(
+            [row],
+            gpt2_tokenizer,
+            pad_id=0,
+            eos_id=gpt2_tokenizer.eos_token_id or 0,
+            max_prompt_length=16,
+            max_length=32,
+            with_teacher=True,
+            alignment=BatchAlignment(offsets=True),
+        )

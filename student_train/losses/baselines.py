@@ -25,6 +25,7 @@ def _f(x: torch.Tensor) -> torch.Tensor:
     """fp32 for reductions, fp64 when the input is fp64 (so float64 gradchecks mean something)."""
     return x.to(compute_dtype(x))
 
+
 MLOT_TOP_K = 50
 
 
