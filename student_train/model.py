@@ -170,33 +170,9 @@ class Distiller(nn.Module):
         mined_map = self.teacher["mined_map"]
         if mined_map is not None:
             mined_map = tuple(t.to(out.logits.device) for t in mined_map)
-        if not cfg.needs_projectors:  # logit-level baselines: logits and cached teacher tensors only
-            return compute_objective(
-                cfg,
-                ObjectiveInputs(
-                    student_logits=out.logits,
-                    student_labels=batch.labels,
-                    teacher_hidden=batch.t_hidden,
-                    teacher_input_ids=batch.t_input_ids,
-                    teacher_labels=batch.t_labels,
-                    teacher_head=self.teacher["head"],
-                    teacher_attention_mask=batch.t_mask,
-                    teacher_topk_logprobs=batch.t_topk_logprobs,
-                    aligned_positions=batch.aligned_positions,
-                    mined_positions=batch.mined_positions,
-                    mined_map=mined_map,
-                ),
-            )
-        emb = self.student.get_input_embeddings()
         inputs = ObjectiveInputs(
             student_logits=out.logits,
             student_labels=batch.labels,
-            student_hidden=out.hidden_states[-1],
-            student_input_embeds=emb(formal_ids(batch.input_ids, batch.labels)),
-            student_target_embeds=emb(formal_ids(batch.labels, batch.labels)),
-            student_head=_gathered_clone(self.student.get_output_embeddings().weight)
-            if cfg.needs_cma
-            else None,
             teacher_hidden=batch.t_hidden,
             teacher_input_ids=batch.t_input_ids,
             teacher_labels=batch.t_labels,
@@ -208,6 +184,13 @@ class Distiller(nn.Module):
             mined_positions=batch.mined_positions,
             mined_map=mined_map,
         )
+        if cfg.needs_projectors:  # the DSKD family also needs student states and embeddings
+            emb = self.student.get_input_embeddings()
+            inputs.student_hidden = out.hidden_states[-1]
+            inputs.student_input_embeds = emb(formal_ids(batch.input_ids, batch.labels))
+            inputs.student_target_embeds = emb(formal_ids(batch.labels, batch.labels))
+            if cfg.needs_cma:
+                inputs.student_head = _gathered_clone(self.student.get_output_embeddings().weight)
         return compute_objective(cfg, inputs, self.projectors)
 
     def zero_loss(self, batch: DistillBatch) -> torch.Tensor:
