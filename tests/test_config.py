@@ -72,3 +72,13 @@ def test_train_config_errors():
         load_config(TrainConfig, None, ["student.path=s", "data.cache=c", "objective.lambda_xx=1"])
     with pytest.raises(ValueError, match="zero_stage must be"):
         load_config(TrainConfig, None, ["student.path=s", "data.cache=c", "train.zero_stage=4"])
+
+
+def test_floats_without_a_dot_are_numbers_and_words_are_errors():
+    from student_train.config import TrainConfig
+
+    base = ["student.path=s", "data.sft_path=x.jsonl", "objective.preset=sft"]
+    cfg = load_config(TrainConfig, None, [*base, "optim.lr=2e-5"])  # YAML 1.1 reads this as a string
+    assert cfg.optim.lr == 2e-5
+    with pytest.raises(ConfigError, match="optim.lr: expected a number, found 'abc'"):
+        load_config(TrainConfig, None, [*base, "optim.lr=abc"])
