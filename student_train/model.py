@@ -156,6 +156,10 @@ class Distiller(nn.Module):
         self.teacher = {"head": teacher_head, "embeddings": teacher_embeddings, "mined_map": mined_map}
 
     def forward(self, batch: DistillBatch) -> ObjectiveOutput:
+        return compute_objective(self.objective, self.objective_inputs(batch), self.projectors)
+
+    def objective_inputs(self, batch: DistillBatch) -> ObjectiveInputs:
+        """The student forward and the cached teacher tensors, as the objective's inputs (live graph)."""
         cfg = self.objective
         out = self.student(
             input_ids=batch.input_ids,
@@ -164,9 +168,7 @@ class Distiller(nn.Module):
             output_hidden_states=cfg.needs_projectors,
         )
         if not cfg.needs_teacher:
-            return compute_objective(
-                cfg, ObjectiveInputs(student_logits=out.logits, student_labels=batch.labels)
-            )
+            return ObjectiveInputs(student_logits=out.logits, student_labels=batch.labels)
         mined_map = self.teacher["mined_map"]
         if mined_map is not None:
             mined_map = tuple(t.to(out.logits.device) for t in mined_map)
@@ -191,7 +193,7 @@ class Distiller(nn.Module):
             inputs.student_target_embeds = emb(formal_ids(batch.labels, batch.labels))
             if cfg.needs_cma:
                 inputs.student_head = _gathered_clone(self.student.get_output_embeddings().weight)
-        return compute_objective(cfg, inputs, self.projectors)
+        return inputs
 
     def zero_loss(self, batch: DistillBatch) -> torch.Tensor:
         """A loss whose backward gives every trainable parameter an exact zero gradient (skipped steps)."""
