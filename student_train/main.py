@@ -53,11 +53,13 @@ def main(argv=None) -> int:
     from student_train.model import Distiller, export_student, load_student, load_student_tokenizer
     from student_train.trainer import (
         MetricsLog,
+        checkpoint_safe_globals,
         cosine_lambda,
         init_distributed,
         load_checkpoint,
         run_steps,
         save_checkpoint,
+        weights_only_loads,
     )
     from teacher_cache.reader import CacheExpectation, open_cache
 
@@ -201,8 +203,9 @@ def main(argv=None) -> int:
 
         if cfg.train.zero_stage == 0:
             state = {k: v.float().cpu() for k, v in engine.module.state_dict().items()}
-        else:
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=f"step-{cursor.step:07d}")
+        else:  # reads every *_states.pt in the tag folder: the same weights-only guard as resume
+            with weights_only_loads(checkpoint_safe_globals()):
+                state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=f"step-{cursor.step:07d}")
         path = export_student(cfg, state, tok, out / "export")
         plot = metrics.plot()
         # the promise of the design, recorded for tests and operators: no Ray, no teacher model here

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -19,6 +22,10 @@ from student_train.losses.objective import TERM_NAMES as TERMS
 
 class NonFiniteLossError(RuntimeError):
     """Too many steps had a non-finite loss."""
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file needs a pickled global outside the allow-list: refused, nothing in it was run."""
 
 
 def init_distributed() -> tuple[int, int, int]:
@@ -137,11 +144,56 @@ def save_checkpoint(engine, ckpt_dir: Path, cursor: Cursor, extra: dict, keep: i
             shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoint_safe_globals() -> list:
+    """The only non-container, non-tensor types DeepSpeed 0.19 pickles into this trainer's checkpoints.
+
+    ``*model_states.pt`` need none (tensors, dicts, lists, str, int, float, torch.Size); the ZeRO-1/2/3
+    ``*optim_states.pt`` hold the optimizer's ``loss_scaler`` and ``zero_stage``, and ZeRO-1/2 the
+    ``param_slice_mappings`` of ``fragment_address``. Plain classes: rebuilding them runs no code of theirs.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads(allowed: list):
+    """Every ``torch.load`` inside (DeepSpeed's too, which pass ``weights_only=False``) unpickles only tensors,
+    plain containers and ``allowed``; anything else raises UnsafeCheckpointError naming the file and global."""
+    real_load = torch.load
+    names = ", ".join(f"{g.__module__}.{g.__qualname__}" for g in allowed)
+
+    def safe_load(f, map_location=None, pickle_module=None, *, weights_only=None, **kwargs):
+        if pickle_module is not None:
+            raise UnsafeCheckpointError(f"{f}: refusing a torch.load with a custom pickle_module")
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return real_load(f, map_location=map_location, weights_only=True, **kwargs)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            what = f"the global {found.group(1)}" if found else "an object outside the weights-only set"
+            raise UnsafeCheckpointError(
+                f"{f}: refusing to unpickle {what}: this trainer's checkpoints hold only tensors, plain "
+                f"containers and {names}, so this file was not written by it. Nothing in it was run; "
+                "delete the checkpoint (or set output.resume=false) to start over"
+            ) from None
+
+    torch.load = safe_load
+    try:
+        yield
+    finally:
+        torch.load = real_load
+
+
 def load_checkpoint(engine, ckpt_dir: Path, expect: dict) -> Cursor | None:
-    """Resume from ``ckpt_dir/latest`` if present; refuses a checkpoint of another config or cache."""
+    """Resume from ``ckpt_dir/latest`` if present; refuses a checkpoint of another config or cache, and any
+    file that would unpickle more than tensors and the few DeepSpeed types of ``checkpoint_safe_globals``."""
     if not (ckpt_dir / "latest").exists():
         return None
-    path, client = engine.load_checkpoint(str(ckpt_dir))
+    with weights_only_loads(checkpoint_safe_globals()):
+        path, client = engine.load_checkpoint(str(ckpt_dir))
     if path is None:
         raise RuntimeError(
             f"{ckpt_dir}: 'latest' exists but the checkpoint could not be loaded; delete it to start over"

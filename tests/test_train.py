@@ -459,3 +459,60 @@ def test_mined_refuses_a_teacher_tokenizer_the_cache_was_not_built_with(tmp_path
         check=False,
     )
     assert res.returncode != 0 and "is not the tokenizer this cache was built with" in res.stderr
+
+
+class _RunsShell:
+    """Unpickles to ``os.system(command)``: what a planted checkpoint would do on a weights_only=False load."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+@pytest.mark.parametrize(
+    "zero,lora,planted",
+    [
+        (0, False, "mp_rank_00_model_states.pt"),
+        (2, True, "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+        (3, False, "zero_pp_rank_0_mp_rank_00_model_states.pt"),
+    ],
+)
+def test_resume_loads_weights_only_and_refuses_a_planted_pickle(
+    tmp_path, cache_dir, student_dir, zero, lora, planted
+):
+    """Resume reads DeepSpeed's files with weights_only=True (and a 3-type allow-list): real checkpoints resume
+    to the same next step, a file whose unpickling would run a command is refused before anything runs."""
+    out = tmp_path / "run"
+    extra = [
+        "train.micro_batch=2",
+        "train.max_steps=3",
+        f"train.zero_stage={zero}",
+        f"lora.enabled={str(lora).lower()}",
+        "lora.r=4",
+        "output.save_every=1",
+        "output.export=false",
+        "data.verify_checksums=false",
+    ]
+    args = _args(student_dir, cache_dir, out, *extra)
+    launch(args, 1)
+    first = _metrics(out)
+    ckpt = out / "checkpoints"
+    (ckpt / "latest").write_text("step-0000002")
+    res = launch(args, 1)
+    assert "resuming at step 2" in res.stdout
+    assert abs(_metrics(out)[2]["loss"] - first[2]["loss"]) <= 1e-6 * abs(first[2]["loss"])
+
+    marker = tmp_path / "pwned"
+    evil = ckpt / "step-0000002" / planted
+    assert evil.exists(), sorted(p.name for p in evil.parent.iterdir())
+    torch.save({"module": {}, "payload": _RunsShell(f"touch {marker}")}, evil)
+    (ckpt / "latest").write_text("step-0000002")
+    res = launch(args, 1, check=False)
+    assert res.returncode != 0
+    assert "UnsafeCheckpointError" in res.stderr and f"{evil}: refusing to unpickle" in res.stderr
+    assert "posix.system" in res.stderr or "os.system" in res.stderr
+    assert not marker.exists(), "the planted pickle ran during resume"
+    torch.load(evil, weights_only=False)  # the payload is live: an unguarded load does run it
+    assert marker.exists()
