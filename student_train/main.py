@@ -107,15 +107,16 @@ def main(argv=None) -> int:
 
     # student, projectors, and the teacher constants (head and embeddings: read-only, never a teacher model)
     student = load_student(cfg)
-    projectors, t_head, t_emb = None, None, None
+    projectors, t_head, t_bias, t_emb = None, None, None, None
     if objective.needs_projectors:
         d_s = student.get_input_embeddings().weight.shape[1]
         projectors = Projectors(d_s, cache.hidden_size, dtw_embed=objective.dtw_enabled)
         t_emb = cache.load_embeddings().float()
     if objective.needs_teacher_head:
-        t_head = cache.load_head()[0].float()
+        t_head, t_bias = cache.load_head()  # the bias, when the teacher's head has one, is applied too
+        t_head, t_bias = t_head.float(), (None if t_bias is None else t_bias.float())
     mined_map = tuple(torch.from_numpy(a) for a in mined.image()) if mined is not None else None
-    distiller = Distiller(student, projectors, objective, t_head, t_emb, mined_map)
+    distiller = Distiller(student, projectors, objective, t_head, t_emb, mined_map, t_bias)
 
     # schedule of batches, optimizer with a projector group, cosine LR
     sched = Schedule(shard_rows, rank, world, cfg.train.micro_batch, cfg.train.seed, cfg.data.shuffle_buffer)

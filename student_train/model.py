@@ -148,12 +148,18 @@ class Distiller(nn.Module):
         teacher_head: torch.Tensor | None = None,
         teacher_embeddings: torch.Tensor | None = None,
         mined_map: tuple[torch.Tensor, torch.Tensor] | None = None,
+        teacher_head_bias: torch.Tensor | None = None,
     ):
         super().__init__()
         self.student = student
         self.projectors = projectors
         self.objective = objective
-        self.teacher = {"head": teacher_head, "embeddings": teacher_embeddings, "mined_map": mined_map}
+        self.teacher = {
+            "head": teacher_head,
+            "bias": teacher_head_bias,
+            "embeddings": teacher_embeddings,
+            "mined_map": mined_map,
+        }
 
     def forward(self, batch: DistillBatch) -> ObjectiveOutput:
         return compute_objective(self.objective, self.objective_inputs(batch), self.projectors)
@@ -179,6 +185,7 @@ class Distiller(nn.Module):
             teacher_input_ids=batch.t_input_ids,
             teacher_labels=batch.t_labels,
             teacher_head=self.teacher["head"],
+            teacher_head_bias=self.teacher["bias"],
             teacher_embeddings=self.teacher["embeddings"],
             teacher_attention_mask=batch.t_mask,
             teacher_topk_logprobs=batch.t_topk_logprobs,

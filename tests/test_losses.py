@@ -150,6 +150,28 @@ def test_divergences_zero_for_identical_and_nonnegative(seed, vocab, scale, tau)
     assert (ent >= -1e-6).all() and (ent <= math.log(vocab) + 1e-5).all()
 
 
+def test_teacher_kl_applies_the_head_bias_exactly():
+    """A teacher whose LM head has a bias: every rebuilt logit includes it (float64 oracle + gradcheck)."""
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    head = torch.randn(11, 5, generator=g, dtype=torch.float64)
+    bias = torch.randn(11, generator=g, dtype=torch.float64) * 3
+    s2t = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    tau = 2.0
+    ent, kl = teacher_entropy_and_kl(h, head, s2t, temperature=tau, chunk_size=4, teacher_bias=bias)
+    zt, zs = h @ head.T + bias, s2t @ head.T + bias
+    torch.testing.assert_close(ent, entropy_from_logits(zt))
+    torch.testing.assert_close(kl, forward_kl_from_logits(zt, zs, temperature=tau))
+    _, kl_nobias = teacher_entropy_and_kl(h, head, s2t, temperature=tau, chunk_size=4)
+    assert (kl - kl_nobias).abs().max() > 1e-3  # the bias matters here, so dropping it would be caught
+    torch.autograd.gradcheck(
+        lambda x: teacher_entropy_and_kl(h, head, x, temperature=tau, chunk_size=4, teacher_bias=bias)[1],
+        (s2t,),
+    )
+    ent_only, _ = teacher_entropy_and_kl(h, head, teacher_bias=bias)
+    torch.testing.assert_close(ent_only, ent)
+
+
 def test_forward_kl_matches_torch_kl_div():
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(3, 4, 17, generator=g), torch.randn(3, 4, 17, generator=g)

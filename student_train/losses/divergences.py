@@ -183,8 +183,11 @@ class _ChunkedTeacherKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s2t_rows, teacher_rows, head, temperature, chunk_size):
-        """Per-row KL and entropy; with a gradient to come, also the per-row Jacobian ``[N, d_T]``."""
+    def forward(ctx, s2t_rows, teacher_rows, head, bias, temperature, chunk_size):
+        """Per-row KL and entropy; with a gradient to come, also the per-row Jacobian ``[N, d_T]``.
+
+        ``bias`` (``[V_T]`` or None) is the head's bias, added to both logits (it leaves the Jacobian as is).
+        """
         n = teacher_rows.shape[0]
         kl = s2t_rows.new_zeros(n)
         ent = s2t_rows.new_zeros(n)
@@ -192,12 +195,17 @@ class _ChunkedTeacherKL(torch.autograd.Function):
         jac = torch.empty_like(s2t_rows) if need_grad else None
         for s, e in _row_chunks(n, chunk_size):
             zt = teacher_rows[s:e] @ head.T
+            zs = s2t_rows[s:e] @ head.T
+            if bias is not None:
+                zt.add_(bias)
+                zs.add_(bias)
             lt1 = F.log_softmax(zt, dim=-1)
             ent[s:e] = -(lt1.exp() * lt1).sum(-1)
             del lt1
             ltt = F.log_softmax(zt.div_(temperature), dim=-1)
             del zt
-            lq = F.log_softmax((s2t_rows[s:e] @ head.T).div_(temperature), dim=-1)
+            lq = F.log_softmax(zs.div_(temperature), dim=-1)
+            del zs
             pt = ltt.exp()
             kl[s:e] = (pt * (ltt - lq)).sum(-1)
             del ltt
@@ -214,8 +222,8 @@ class _ChunkedTeacherKL(torch.autograd.Function):
         """``grad_kl[i] * J_i``: no vocabulary-sized work."""
         (jac,) = ctx.saved_tensors
         if grad_kl is None:
-            return torch.zeros_like(jac), None, None, None, None
-        return jac * grad_kl.to(jac.dtype).unsqueeze(-1), None, None, None, None
+            return torch.zeros_like(jac), None, None, None, None, None
+        return jac * grad_kl.to(jac.dtype).unsqueeze(-1), None, None, None, None, None
 
 
 def teacher_entropy_and_kl(
@@ -225,6 +233,7 @@ def teacher_entropy_and_kl(
     *,
     temperature: float = 1.0,
     chunk_size: int = 256,
+    teacher_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Teacher entropy (tau=1) and teacher-space KL from cached hidden states, chunked over positions.
 
@@ -242,6 +251,7 @@ def teacher_entropy_and_kl(
         s2t_rows: ``[N, d_T]`` student-to-teacher attended states ``hhat^{s2t}``; receives gradient.
         temperature: KL temperature ``tau > 0`` (the entropy is always at tau=1).
         chunk_size: positions per chunk, >= 1.
+        teacher_bias: ``[V_T]`` the LM head's bias, when the teacher's head has one (constant).
 
     Returns:
         ``(entropy [N], kl [N] or None)`` in float32 (float64 if ``s2t_rows`` / ``teacher_rows`` are
@@ -257,18 +267,24 @@ def teacher_entropy_and_kl(
         )
     dtype = compute_dtype(teacher_rows, s2t_rows)
     head = teacher_head.detach().to(dtype)
+    bias = None if teacher_bias is None else teacher_bias.detach().to(dtype)
+    if bias is not None and bias.shape != (head.shape[0],):
+        raise ValueError(f"teacher_bias must have shape [V_T] = ({head.shape[0]},), got {tuple(bias.shape)}")
     t_rows = teacher_rows.detach().to(dtype)
     if s2t_rows is None:
         n = t_rows.shape[0]
         ent = t_rows.new_zeros(n)
         with torch.no_grad():
             for s, e in _row_chunks(n, chunk_size):
-                lt = F.log_softmax(t_rows[s:e] @ head.T, dim=-1)
+                zt = t_rows[s:e] @ head.T
+                lt = F.log_softmax(zt if bias is None else zt + bias, dim=-1)
                 ent[s:e] = -(lt.exp() * lt).sum(-1)
         return ent, None
     if s2t_rows.shape != t_rows.shape:
         raise ValueError(
             f"s2t_rows must match teacher_rows [N, d_T]; got {tuple(s2t_rows.shape)} vs {tuple(t_rows.shape)}"
         )
-    kl, ent = _ChunkedTeacherKL.apply(s2t_rows.to(dtype), t_rows, head, float(temperature), int(chunk_size))
+    kl, ent = _ChunkedTeacherKL.apply(
+        s2t_rows.to(dtype), t_rows, head, bias, float(temperature), int(chunk_size)
+    )
     return ent, kl

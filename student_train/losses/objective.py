@@ -337,6 +337,8 @@ class ObjectiveInputs:
         teacher_embeddings: ``[V_T', d_T]`` teacher input-embedding table (constant).
         teacher_attention_mask: ``[B, m]`` 1 on real (non-pad) teacher rows; default: all rows real.
         teacher_topk_logprobs: ``[B, m, k]`` cached top-k next-token log-probs (``uld_topk``).
+        teacher_head_bias: ``[V_T]`` the teacher LM head's bias, when it has one: added wherever teacher
+            logits are rebuilt from hidden states.
         aligned_positions: ``[B, n]`` long, for each student response position the teacher position that
             predicts the same characters, ``-1`` if none (``pairing="offsets"``;
             :func:`student_train.align.aligned_next_token_positions`).
@@ -359,6 +361,7 @@ class ObjectiveInputs:
     teacher_embeddings: torch.Tensor | None = None
     teacher_attention_mask: torch.Tensor | None = None
     teacher_topk_logprobs: torch.Tensor | None = None
+    teacher_head_bias: torch.Tensor | None = None
     aligned_positions: torch.Tensor | None = None
     mined_positions: torch.Tensor | None = None
     mined_map: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -638,6 +641,7 @@ def compute_terms(
             cma.hhat_s2t[t_mask],
             temperature=cfg.kd_temperature,
             chunk_size=cfg.teacher_chunk_size,
+            teacher_bias=inputs.teacher_head_bias,
         )
         if cfg.entropy_weighting:
             ent_t = torch.zeros(t_mask.shape, dtype=t_ent.dtype, device=device).masked_scatter(t_mask, t_ent)
@@ -694,7 +698,7 @@ def logit_kd_term(
     m = inputs.teacher_hidden.shape[1]
     flat_s = s_logits.reshape(bsz * n, v_s)
     flat_h = inputs.teacher_hidden.reshape(bsz * m, -1)
-    head = inputs.teacher_head
+    head, bias = inputs.teacher_head, inputs.teacher_head_bias
     if cfg.logit_kd in ("uld", "uld_topk"):
         if cfg.pairing == "offsets":
             ps, pt = _pairs_from_map(inputs.aligned_positions, s_mask, m)
@@ -703,12 +707,12 @@ def logit_kd_term(
         if cfg.logit_kd == "uld_topk":
             k = inputs.teacher_topk_logprobs.shape[-1]
             return baselines.uld_loss_topk(flat_s[ps], inputs.teacher_topk_logprobs.reshape(bsz * m, k)[pt])
-        return baselines.uld_loss(flat_s[ps], baselines.teacher_logits(flat_h[pt], head))
+        return baselines.uld_loss(flat_s[ps], baselines.teacher_logits(flat_h[pt], head, bias))
     if cfg.logit_kd == "mined":
         b, j = s_mask.nonzero(as_tuple=True)
         pos = inputs.mined_positions[b, j]
         aligned = pos.ge(0)
-        rows = baselines.teacher_logits(flat_h[b * m + pos.clamp(min=0)], head)
+        rows = baselines.teacher_logits(flat_h[b * m + pos.clamp(min=0)], head, bias)
         stu_ids, tea_ids = inputs.mined_map
         target = baselines.mined_targets(rows, aligned, inputs.student_labels[b, j], stu_ids, tea_ids, v_s)
         return baselines.mined_loss(s_logits[b, j], target, cfg.kd_temperature)
@@ -723,7 +727,7 @@ def logit_kd_term(
             t_pos = mapped[keep]
             s_pos = torch.cat([s_pos[keep], s_pos[-1:]])
         s_rows.append(s_logits[bb, s_pos])
-        t_rows.append(baselines.teacher_logits(inputs.teacher_hidden[bb, t_pos], head))
+        t_rows.append(baselines.teacher_logits(inputs.teacher_hidden[bb, t_pos], head, bias))
     mlot = baselines.multilevel_ot_loss(s_rows, t_rows, top_k=cfg.mlot_top_k, sort=cfg.mlot_sort)
     return mlot * s_mask.sum()
 
