@@ -43,6 +43,11 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked (and converted where lossless) against type ``tp``; errors name ``key``."""
+    return _coerce(value, tp, key)
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     tp, optional = _unwrap_optional(tp)
     if value is None:

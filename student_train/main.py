@@ -23,6 +23,7 @@ import torch
 
 from pipeline.config import config_hash, describe, load_config
 from student_train.config import TrainConfig
+from student_train.losses.objective import PRESETS, ObjectiveConfig
 
 
 def parse(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
@@ -30,7 +31,12 @@ def parse(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
         prog="student_train/main.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (override with key=value):\n" + "\n".join(describe(TrainConfig)),
+        epilog="config keys (override with key=value):\n"
+        + "\n".join(describe(TrainConfig))
+        + "\n\nobjective keys (objective.preset= one of "
+        + ", ".join(sorted(PRESETS))
+        + "; any key below overrides the preset's value):\n"
+        + "\n".join(describe(ObjectiveConfig, "objective.")),
     )
     ap.add_argument("--config", help="YAML (configs/train/*.yaml)")
     ap.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
@@ -39,7 +45,10 @@ def parse(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
         "overrides", nargs="*", help="dotted overrides, e.g. train.zero_stage=3 lora.enabled=true"
     )
     args = ap.parse_args(argv)
-    return load_config(TrainConfig, args.config, args.overrides), args
+    try:
+        return load_config(TrainConfig, args.config, args.overrides), args
+    except ValueError as e:  # a user mistake in the config: one line, not a traceback
+        ap.exit(2, f"error: {e}\n")
 
 
 def main(argv=None) -> int:

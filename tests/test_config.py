@@ -82,3 +82,20 @@ def test_floats_without_a_dot_are_numbers_and_words_are_errors():
     assert cfg.optim.lr == 2e-5
     with pytest.raises(ConfigError, match="optim.lr: expected a number, found 'abc'"):
         load_config(TrainConfig, None, [*base, "optim.lr=abc"])
+
+
+def test_student_job_reports_config_mistakes_in_one_line():
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    base = [sys.executable, "student_train/main.py", "student.path=s", "data.sft_path=x.jsonl"]
+    res = subprocess.run(
+        [*base, "objective.preset=sft", "objective.dtw_gamma=abc"], cwd=repo, capture_output=True, text=True
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "error: objective.dtw_gamma: expected a number, found 'abc'" in res.stderr
+    res = subprocess.run([*base, "objective.preset=nope"], cwd=repo, capture_output=True, text=True)
+    assert res.returncode == 2 and "unknown objective preset 'nope'" in res.stderr and "Traceback" not in res.stderr
+    out = subprocess.run([*base[:2], "--help"], cwd=repo, capture_output=True, text=True).stdout
+    assert "objective.kd_temperature=2.0" in out and "multilevel_ot" in out

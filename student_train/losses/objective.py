@@ -18,6 +18,7 @@ embedding table. Exact teacher logits are rebuilt chunk by chunk
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -250,13 +251,17 @@ class ObjectiveConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ObjectiveConfig:
         """Build from a mapping (e.g. YAML). A ``preset`` key selects the base; unknown keys are errors."""
+        from pipeline.config import coerce
+
         values = dict(values)
         base = cls.preset(values.pop("preset")) if "preset" in values else cls()
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown objective config keys {unknown}; valid keys: {sorted(known)}")
-        return dataclasses.replace(base, **values)
+        hints = typing.get_type_hints(cls)
+        typed = {k: coerce(v, hints[k], f"objective.{k}") for k, v in values.items()}
+        return dataclasses.replace(base, **typed)
 
 
 _DSKD = dict(
