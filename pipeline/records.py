@@ -171,11 +171,18 @@ def _iter_raw(cfg: DataConfig) -> Iterator[tuple[dict[str, Any], str]]:
     if fmt in ("jsonl", "dskd", "dolly"):
         if not path.exists():
             raise FileNotFoundError(f"data.path {path} does not exist")
-        with path.open("r", encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
+        with path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise RecordError(
+                        f"{where}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                        "re-encode the file as UTF-8"
+                    ) from e
                 if not line.strip():
                     continue
-                where = f"{path}:{lineno}"
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:

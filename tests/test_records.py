@@ -103,3 +103,12 @@ def test_real_dskd_files(shared_data):
     assert all(r.prompt.startswith("Below is an instruction") for r in recs)
     sinst = list(read_records(DataConfig(path=str(shared_data / "dskd/sinst/11_/valid.jsonl"))))
     assert len(sinst) > 1000 and all(r.references for r in sinst)
+
+
+def test_invalid_utf8_names_the_file_and_line(tmp_path):
+    from pipeline.records import DataConfig, RecordError, read_records
+
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"prompt": "a", "output": "b"}\n{"prompt": "caf\xe9", "output": "x"}\n')
+    with pytest.raises(RecordError, match=r"bad\.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 16\)"):
+        list(read_records(DataConfig(path=str(path), format="dskd")))
