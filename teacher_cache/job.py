@@ -437,7 +437,8 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> dict:
             done[idx] = entry
     pending = [i for i in range(len(plan)) if i not in done]
     print(
-        f"[teacher_cache] {len(records)} records -> {len(plan)} shards ({len(done)} already written, "
+        f"[teacher_cache] {len(records)} records kept of {stats.read} read ({stats.skipped_empty} empty, "
+        f"{stats.duplicates} duplicates skipped) -> {len(plan)} shards ({len(done)} already written, "
         f"{len(pending)} to do) in {uri}"
     )
 
@@ -536,7 +537,8 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> dict:
     write_manifest(uri, manifest)
     s = manifest["stats"]
     print(
-        f"[teacher_cache] done: {s['rows']} rows, {s['positions']} positions, {s['bytes'] / 1e6:.1f} MB of shards, "
+        f"[teacher_cache] done: {s['rows']} rows ({s['truncated_prompt']} prompts and {s['truncated_total']} "
+        f"sequences cut to the token limits), {s['positions']} positions, {s['bytes'] / 1e6:.1f} MB of shards, "
         f"{s['bytes_per_position']:.0f} B/position ({cfg.cache.hidden_dtype} hidden) -> {uri}"
     )
     return manifest
