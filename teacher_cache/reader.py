@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -15,12 +16,15 @@ from teacher_cache.format import (
     EMBED_FILE,
     FORMAT_NAME,
     HEAD_FILE,
+    HIDDEN_DTYPES,
     MANIFEST,
     SCHEMA_VERSION,
+    SHARD_DIR,
     TOKENIZER_DIR,
     CachedRow,
     decode_row,
 )
+from teacher_cache.format import schema as shard_schema
 
 
 class CacheError(ValueError):
@@ -44,6 +48,98 @@ class CacheExpectation:
     tokenizer_sha256: str | None = None
     hidden_size: int | None = None
     schema_version: int = SCHEMA_VERSION
+
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_SHARD_FILE = re.compile(rf"^{SHARD_DIR}/part-\d{{5}}\.arrow$")
+_PLAIN_FILE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?$")
+
+
+def _fail(uri: str, field: str, why: str) -> None:
+    raise CacheError(f"{uri}: manifest field {field} {why}; the manifest was edited or is damaged")
+
+
+def _need(uri: str, obj: Any, field: str, kind: type, check=None, why: str = "") -> Any:
+    """``obj[last part of field]``, of type ``kind`` and passing ``check``; otherwise a CacheError naming it."""
+    key = field.rpartition(".")[2]
+    if not isinstance(obj, dict) or key not in obj:
+        _fail(uri, field, "is missing")
+    value = obj[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        _fail(uri, field, f"must be {kind.__name__}, found {type(value).__name__} {value!r}")
+    if check is not None and not check(value):
+        _fail(uri, field, f"is {value!r}: {why}")
+    return value
+
+
+def validate_manifest(manifest: Any, uri: str) -> None:
+    """Every field the readers use, with its type and range; one :class:`CacheError` naming the field.
+
+    Also the manifest's internal consistency: shard names are plain names inside ``shards/`` (no ``..``, no
+    absolute path), unique, and their rows add up to ``stats.rows``; file names are plain relative names.
+    """
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{uri}: {MANIFEST} must be a JSON object, found {type(manifest).__name__}")
+    hex64 = (lambda v: bool(_HEX64.match(v)), "expected 64 hex digits")
+    positive = (lambda v: v > 0, "must be > 0")
+    _need(uri, manifest, "format", str)
+    _need(uri, manifest, "schema_version", int)
+    _need(uri, manifest, "job_fingerprint", str, *hex64)
+    teacher = _need(uri, manifest, "teacher", dict)
+    _need(uri, teacher, "teacher.name", str)
+    _need(uri, teacher, "teacher.hidden_size", int, *positive)
+    _need(uri, teacher, "teacher.head_rows", int, *positive)
+    tok = _need(uri, manifest, "tokenizer", dict)
+    _need(uri, tok, "tokenizer.sha256", str, *hex64)
+    _need(uri, tok, "tokenizer.eos_id", int, lambda v: v >= 0, "must be >= 0")
+    settings = _need(uri, manifest, "settings", dict)
+    _need(
+        uri,
+        settings,
+        "settings.hidden_dtype",
+        str,
+        lambda v: v in HIDDEN_DTYPES,
+        f"not one of {HIDDEN_DTYPES}",
+    )
+    _need(uri, settings, "settings.top_k", int, *positive)
+    max_len = _need(uri, settings, "settings.max_length", int, lambda v: v > 1, "must be > 1")
+    _need(
+        uri,
+        settings,
+        "settings.max_prompt_length",
+        int,
+        lambda v: 0 < v < max_len,
+        "must be in (0, max_length)",
+    )
+    rows = _need(
+        uri, _need(uri, manifest, "stats", dict), "stats.rows", int, lambda v: v >= 0, "must be >= 0"
+    )
+    shards = _need(uri, manifest, "shards", list, lambda v: len(v) > 0, "must list at least one shard")
+    seen: set[str] = set()
+    for i, entry in enumerate(shards):
+        where = f"shards[{i}]"
+        name = _need(
+            uri,
+            entry,
+            f"{where}.file",
+            str,
+            lambda v: bool(_SHARD_FILE.match(v)),
+            "not shards/part-NNNNN.arrow",
+        )
+        if name in seen:
+            _fail(uri, f"{where}.file", f"repeats {name}")
+        seen.add(name)
+        _need(uri, entry, f"{where}.rows", int, lambda v: v >= 0, "must be >= 0")
+        _need(uri, entry, f"{where}.bytes", int, *positive)
+        _need(uri, entry, f"{where}.sha256", str, *hex64)
+    total = sum(e["rows"] for e in shards)
+    if total != rows:
+        _fail(uri, "stats.rows", f"is {rows} but the shards hold {total} rows")
+    for name, info in _need(uri, manifest, "files", dict).items():
+        if not _PLAIN_FILE.match(name) or ".." in name.split("/"):
+            _fail(uri, f"files[{name!r}]", "must be a plain relative name inside the cache")
+        _need(uri, info, f"files[{name!r}].bytes", int, lambda v: v >= 0, "must be >= 0")
+        _need(uri, info, f"files[{name!r}].sha256", str, *hex64)
 
 
 def _check(manifest: dict, expect: CacheExpectation, uri: str) -> None:
@@ -145,6 +241,15 @@ class TeacherCache:
             raise CacheError(
                 f"{self.uri}: shard {entry['file']} has {table.num_rows} rows, manifest says {entry['rows']}"
             )
+        want = shard_schema(self.hidden_size, self.top_k, self.hidden_dtype)
+        if not table.schema.equals(want, check_metadata=False):
+            got = {f.name: str(f.type) for f in table.schema}
+            diff = {f.name: (got.get(f.name), str(f.type)) for f in want if got.get(f.name) != str(f.type)}
+            raise CacheError(
+                f"{self.uri}: shard {entry['file']} does not have the schema the manifest describes "
+                f"(hidden_size {self.hidden_size}, top_k {self.top_k}, hidden_dtype {self.hidden_dtype}); "
+                f"column (found, expected): {diff}"
+            )
         return table
 
     def iter_shard(self, position: int) -> Iterator[CachedRow]:
@@ -159,9 +264,19 @@ class TeacherCache:
             yield from self.iter_shard(s)
 
     def check_files(self) -> None:
-        """Cheap completeness check (no reads): every shard and tensor file exists with its manifest size."""
+        """Cheap completeness check (no reads): every shard and tensor file exists with its manifest size,
+        and the shard folder holds exactly the manifest's shards (an extra one means a dropped entry)."""
         for entry in self.shards:
             self._check_entry(entry)
+        listed = {e["file"].rsplit("/", 1)[1] for e in self.shards}
+        shard_dir = storage.join(self.root, SHARD_DIR)
+        on_disk = {n for n in storage.list_names(self.fs, shard_dir) if n.endswith(".arrow")}
+        extra = sorted(on_disk - listed)
+        if extra:
+            raise CacheError(
+                f"{self.uri}: shard file(s) {extra} are on disk but not in the manifest: rows would be silently "
+                "dropped; the manifest was edited or belongs to another cache"
+            )
         for name in self.manifest["files"]:
             if not storage.exists(self.fs, storage.join(self.root, name)):
                 raise CacheError(f"{self.uri}: {name} is missing; re-run the cache job to rebuild it")
@@ -272,6 +387,7 @@ def open_cache(
         manifest = storage.read_json(fs, mpath)
     except ValueError as e:
         raise CacheError(f"{uri}: {MANIFEST} is not valid JSON ({e})") from e
+    validate_manifest(manifest, uri)
     _check(manifest, expect, uri)
     cache = TeacherCache(uri, manifest)
     cache.check_files()

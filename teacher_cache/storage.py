@@ -35,6 +35,12 @@ def size(fs: pafs.FileSystem, path: str) -> int:
     return fs.get_file_info(path).size
 
 
+def list_names(fs: pafs.FileSystem, directory: str) -> list[str]:
+    """Base names of the files directly inside ``directory`` (empty if it does not exist)."""
+    infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+    return [i.base_name for i in infos if i.type == pafs.FileType.File]
+
+
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
     with fs.open_input_stream(path) as f:
         return f.read()

@@ -29,8 +29,9 @@ class TeacherConfig:
     """Which teacher to run and how."""
 
     path: str = field(
-        "", help="HF model dir or hub id; 'pypi:PKG' means the directory of installed package PKG; "
-        "'model:NAME' a GGUF model of configs/models prepared once as an HF folder"
+        "",
+        help="HF model dir or hub id; 'pypi:PKG' means the directory of installed package PKG; "
+        "'model:NAME' a GGUF model of configs/models prepared once as an HF folder",
     )
     gguf_file: str | None = field(
         None, help="GGUF file name inside `path` (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)"

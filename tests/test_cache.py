@@ -388,3 +388,47 @@ def _ray_job_submit(ray_bin, dash, cfg, env):
         timeout=600,
         cwd=REPO,
     )
+
+
+def test_edited_manifests_are_refused_naming_the_field(llama_cache, tmp_path):
+    """A manifest is a file people edit and copy: every field is typed and cross-checked against the shards."""
+    src, _ = llama_cache
+    good = json.loads((src / MANIFEST).read_text())
+
+    def opened_with(mutate, tag: str):
+        bad = tmp_path / tag
+        shutil.copytree(src, bad)
+        m = json.loads(json.dumps(good))
+        out = mutate(m)
+        m = out if isinstance(out, list) else m  # mutators edit in place; one replaces the whole manifest
+        (bad / MANIFEST).write_text(json.dumps(m))
+        return open_cache(str(bad))
+
+    def drop_entry(m):  # the rows of that shard would be silently lost
+        m["shards"].pop(1)
+        m["stats"]["rows"] -= good["shards"][1]["rows"]
+
+    with pytest.raises(CacheError, match=r"part-00001\.arrow'\] are on disk but not in the manifest"):
+        opened_with(drop_entry, "dropped")
+    with pytest.raises(CacheError, match=r"stats\.rows is 999 but the shards hold \d+ rows"):
+        opened_with(lambda m: m["stats"].update(rows=999), "rows")
+    with pytest.raises(CacheError, match=r"field shards\[0\]\.file is '\.\./outside/part\.arrow'"):
+        opened_with(lambda m: m["shards"][0].update(file="../outside/part.arrow"), "escape")
+    with pytest.raises(CacheError, match=r"field teacher\.hidden_size is missing"):
+        opened_with(lambda m: m["teacher"].pop("hidden_size"), "missing")
+    with pytest.raises(CacheError, match=r"manifest\.json must be a JSON object, found list"):
+        opened_with(lambda m: [m], "list")
+    with pytest.raises(CacheError, match=r"settings\.top_k must be int, found str"):
+        opened_with(lambda m: m["settings"].update(top_k="16"), "type")
+    # shards whose stored dtype or width differ from what the manifest claims are refused on open
+    other = "bfloat16" if good["settings"]["hidden_dtype"] != "bfloat16" else "float16"
+    cache = opened_with(lambda m: m["settings"].update(hidden_dtype=other), "dtype")
+    with pytest.raises(
+        CacheError, match=r"part-00000\.arrow does not have the schema the manifest describes"
+    ):
+        cache.open_shard(0)
+    cache = opened_with(
+        lambda m: m["teacher"].update(hidden_size=good["teacher"]["hidden_size"] + 1), "width"
+    )
+    with pytest.raises(CacheError, match=r"column \(found, expected\): \{'hidden'"):
+        cache.open_shard(0)
