@@ -343,6 +343,22 @@ def _describe_teacher(teacher: TeacherConfig, uri: str, probe_ids: list[list[int
     return describe_loaded(load_teacher(teacher), teacher, uri, probe_ids)
 
 
+def damaged_parts(uri: str, manifest: dict, verify: bool = True) -> list[str]:
+    """What of a finished cache no longer matches its manifest: missing, resized or (``verify``) changed files."""
+    fs, root, _ = storage.resolve(uri)
+    entries = [(e["file"], e) for e in manifest.get("shards", [])] + list(manifest.get("files", {}).items())
+    out = []
+    for name, entry in entries:
+        path = storage.join(root, name)
+        if not storage.exists(fs, path):
+            out.append(f"{name} missing")
+        elif storage.size(fs, path) != entry.get("bytes"):
+            out.append(f"{name} has {storage.size(fs, path)} bytes, not {entry.get('bytes')}")
+        elif verify and storage.sha256_file(fs, path) != entry.get("sha256"):
+            out.append(f"{name} checksum differs")
+    return out
+
+
 def _shard_plan(n: int, rows_per_shard: int) -> list[tuple[int, int]]:
     return [(s, min(s + rows_per_shard, n)) for s in range(0, n, rows_per_shard)]
 
@@ -403,14 +419,22 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> dict:
     if storage.exists(fs, mpath):
         manifest = storage.read_json(fs, mpath)
         if manifest.get("job_fingerprint") == fp:
+            damaged = damaged_parts(uri, manifest, verify=cfg.cache.verify_existing)
+            if not damaged:
+                print(
+                    f"[teacher_cache] {uri} is complete for this config ({manifest['stats']['rows']} rows, every "
+                    f"file {'verified' if cfg.cache.verify_existing else 'present with its size'}); nothing to do"
+                )
+                return manifest
+            # the same path as a resume: intact shards are kept, the damaged ones rebuilt, the manifest rewritten
             print(
-                f"[teacher_cache] {uri} is complete for this config ({manifest['stats']['rows']} rows); nothing to do"
+                f"[teacher_cache] {uri} is finished but damaged ({'; '.join(damaged)}): rebuilding those parts"
             )
-            return manifest
-        raise ValueError(
-            f"{uri} already holds a finished cache built from a different config (fingerprint "
-            f"{manifest.get('job_fingerprint', '?')[:12]} vs {fp[:12]}); choose another cache.output or delete it"
-        )
+        else:
+            raise ValueError(
+                f"{uri} already holds a finished cache built from a different config (fingerprint "
+                f"{manifest.get('job_fingerprint', '?')[:12]} vs {fp[:12]}); choose another cache.output or delete it"
+            )
     spath = storage.join(root, JOB_STATE)
     if storage.exists(fs, spath):
         state = storage.read_json(fs, spath)

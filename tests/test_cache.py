@@ -154,6 +154,36 @@ def test_rerun_is_a_no_op_and_other_config_is_refused(llama_cache, synthetic_jso
         run(_cfg(synthetic_jsonl, tiny_llama_dir, out, "cache.hidden_dtype=bfloat16"), progress=False)
 
 
+def test_rerun_repairs_a_damaged_finished_cache(
+    llama_cache, synthetic_jsonl, tiny_llama_dir, tmp_path, capsys
+):
+    """Damage a finished cache every way at once; the same command rebuilds exactly what is damaged."""
+    src, manifest = llama_cache
+    out = tmp_path / "damaged"
+    shutil.copytree(src, out)
+    original = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.arrow")}
+    (out / "shards/part-00000.arrow").unlink()  # deleted
+    part1 = out / "shards/part-00001.arrow"
+    data = bytearray(part1.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes
+    part1.write_bytes(bytes(data))
+    head = out / "teacher_head.safetensors"
+    head.write_bytes(head.read_bytes()[:100])  # truncated
+    (out / "teacher_tokenizer" / "tokenizer.json").unlink()
+    intact = (out / "shards/part-00002.arrow").stat().st_mtime_ns
+    with pytest.raises(CacheError):
+        open_cache(str(out), verify=True)
+    again = run(_cfg(synthetic_jsonl, tiny_llama_dir, out, "cache.hidden_dtype=float32"), progress=False)
+    said = capsys.readouterr().out
+    assert "is finished but damaged" in said and "part-00000.arrow missing" in said
+    assert "part-00001.arrow checksum differs" in said and "teacher_head.safetensors has 100 bytes" in said
+    assert "teacher_tokenizer/tokenizer.json missing" in said
+    cache = open_cache(str(out), verify=True)  # every checksum holds again
+    assert cache.num_rows == manifest["stats"]["rows"] and again["shards"] == manifest["shards"]
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*.arrow")} == original
+    assert (out / "shards/part-00002.arrow").stat().st_mtime_ns == intact  # intact shards are kept
+
+
 def test_resume_refuses_changed_teacher_weights(ray_session, tmp_path, synthetic_jsonl, mistral_tokenizer):
     """A partial cache is never completed by a different teacher: in the forward actors (shards to do)
     and in the describe task (all shards written, manifest missing)."""
