@@ -90,6 +90,11 @@ class RayConfig:
     local_num_cpus: int | None = field(
         None, help="logical CPUs of the local cluster (default: enough for the actors)"
     )
+    wait_for_resources_s: float = field(
+        0.0,
+        help="seconds to wait for the cluster to offer the actors' GPUs/CPUs (an autoscaler adding nodes); "
+        "0 = fail at once, naming what is missing, instead of waiting forever",
+    )
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.concurrency < 1 or self.tokenizer_concurrency < 1:
@@ -395,6 +400,41 @@ def _init_ray(cfg: RayConfig):
     return ray
 
 
+def actors_that_fit(nodes: list[dict], gpus: float, cpus: float) -> int:
+    """How many actors needing ``gpus`` GPUs and ``cpus`` CPUs the alive nodes can host at once."""
+    total = 0
+    for node in nodes:
+        if not node.get("Alive", True):
+            continue
+        res = node.get("Resources", {})
+        fit_cpu = math.floor(res.get("CPU", 0.0) / cpus + 1e-9) if cpus > 0 else 10**9
+        fit_gpu = math.floor(res.get("GPU", 0.0) / gpus + 1e-9) if gpus > 0 else 10**9
+        total += min(fit_cpu, fit_gpu)
+    return total
+
+
+def check_resources(ray, cfg: RayConfig) -> None:
+    """Fail in seconds (or after ``wait_for_resources_s``) when the teacher actors cannot be placed.
+
+    Ray would otherwise queue them forever ("may hang forever" is only a warning).
+    """
+    deadline = time.time() + cfg.wait_for_resources_s
+    while True:
+        fit = actors_that_fit(ray.nodes(), cfg.gpus_per_actor, cfg.cpus_per_actor)
+        if fit >= cfg.concurrency:
+            return
+        if time.time() >= deadline:
+            have = ray.cluster_resources()
+            raise RuntimeError(
+                f"the Ray cluster can host {fit} of the {cfg.concurrency} teacher actor(s) asked for "
+                f"(each needs {cfg.gpus_per_actor:g} GPU and {cfg.cpus_per_actor:g} CPU on one node; the cluster "
+                f"has {have.get('GPU', 0):g} GPU and {have.get('CPU', 0):g} CPU in all): lower ray.concurrency, "
+                "ray.gpus_per_actor or ray.cpus_per_actor, add nodes, or set ray.wait_for_resources_s for an "
+                "autoscaler"
+            )
+        time.sleep(min(5.0, max(0.1, deadline - time.time())))
+
+
 def run(cfg: CacheJobConfig, *, progress: bool = True) -> dict:
     """Build (or complete) the cache described by ``cfg``; returns the manifest."""
     from pipeline.tokenize import eos_id_of
@@ -467,6 +507,7 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> dict:
     )
 
     ray = _init_ray(cfg.ray)
+    check_resources(ray, cfg.ray)
     from teacher_cache.teacher import TeacherConfig as _TC  # noqa: F401  (pickled by reference in actors)
 
     probe = [

@@ -462,3 +462,26 @@ def test_edited_manifests_are_refused_naming_the_field(llama_cache, tmp_path):
     )
     with pytest.raises(CacheError, match=r"column \(found, expected\): \{'hidden'"):
         cache.open_shard(0)
+
+
+def test_actor_placement_is_counted_per_node():
+    from teacher_cache.job import actors_that_fit
+
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 16.0, "GPU": 8.0}},
+        {"Alive": True, "Resources": {"CPU": 3.0, "GPU": 4.0}},
+        {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}},
+    ]
+    assert actors_that_fit(nodes, gpus=1, cpus=2) == 8 + 1
+    assert actors_that_fit(nodes, gpus=2, cpus=1) == 4 + 2
+    assert actors_that_fit(nodes, gpus=0, cpus=4) == 4
+    assert actors_that_fit([{"Resources": {"CPU": 4.0}}], gpus=1, cpus=1) == 0
+
+
+def test_asking_for_gpus_the_cluster_lacks_fails_in_seconds(
+    llama_cache, synthetic_jsonl, tiny_llama_dir, tmp_path
+):
+    t = time.time()
+    with pytest.raises(RuntimeError, match=r"can host 0 of the 1 teacher actor\(s\) .* 1 GPU"):
+        run(_cfg(synthetic_jsonl, tiny_llama_dir, tmp_path / "c", "ray.gpus_per_actor=1"), progress=False)
+    assert time.time() - t < 60
