@@ -207,6 +207,20 @@ def load_checkpoint(engine, ckpt_dir: Path, expect: dict) -> Cursor | None:
     return Cursor(**client["cursor"])
 
 
+def step_digests(ids: list[str], world: int, device) -> list[str]:
+    """Per rank, a digest of the ordered sample ids the step consumed (audit: resumed vs uninterrupted runs).
+
+    16 hex digits of sha256 over the ids joined by newlines, gathered from every rank in rank order.
+    """
+    import hashlib
+
+    digest = hashlib.sha256("\n".join(ids).encode()).digest()[:8]
+    mine = torch.tensor([int.from_bytes(digest, "big", signed=True)], dtype=torch.long, device=device)
+    gathered = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    return [int(t.item()).to_bytes(8, "big", signed=True).hex() for t in gathered]
+
+
 def run_steps(
     engine,
     distiller,
@@ -291,7 +305,9 @@ def run_steps(
         cursor.step += 1
         cursor.tokens += int(n_global)
         sums = all_sum(sums)
-        if metrics is not None and (cursor.step % log_every == 0 or cursor.step == total_steps):
+        logging_step = cursor.step % log_every == 0 or cursor.step == total_steps
+        samples = step_digests(ids, world, device) if logging_step else None  # a collective: every rank
+        if metrics is not None and logging_step:
             now = time.time()
             rec = {
                 "step": cursor.step,
@@ -304,6 +320,7 @@ def run_steps(
                 "skipped": bool(window_bad),
                 "nan_skips": cursor.nan_skips,
                 "first_sample": ids[0] if ids else None,
+                "samples": samples,
             }
             metrics.log(rec)
             t_last, tok_last = now, cursor.tokens

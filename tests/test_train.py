@@ -205,8 +205,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, cache_dir
     assert [r["step"] for r in got] == list(range(1, 15))
     for a, b in zip(ref[killed_at:], got[killed_at:]):
         assert a["first_sample"] == b["first_sample"], (a["step"], "a different next batch after resume")
+        assert a["samples"] == b["samples"] and len(b["samples"]) == 2, (a["step"], "another rank's batch differs")
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
     assert any(r["epoch"] == 1 for r in got), "the run should cross an epoch boundary"
+    assert len({s for r in ref for s in r["samples"]}) == 2 * 14  # every rank-step consumed other samples
 
 
 @pytest.mark.parametrize("zero,lora", [(2, True), (3, True), (3, False)])
