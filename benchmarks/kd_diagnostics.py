@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         max_prompt_length=cfg.student.max_prompt_length,
         max_length=cfg.student.max_length,
         with_teacher=True,
+        truncation=cfg.data.truncation,
     )
     s_params = [p for p in student.parameters() if p.requires_grad]
     p_params = list(proj.parameters())

@@ -146,6 +146,7 @@ def main() -> int:
         max_prompt_length=128,
         max_length=args.max_length,
         with_teacher=True,
+        truncation="warn",  # timing only: samples the student keeps less of are counted, not refused
     )
     presets = [p.strip() for p in args.presets.split(",") if p.strip() and p.strip() != "dwa_kd"] + ["dwa_kd"]
     cfgs = {p: ObjectiveConfig.preset(p, check_inputs=False) for p in presets}

@@ -76,6 +76,12 @@ class DataSection:
     )
     expect_tokenizer_sha256: str | None = field(None, help="refuse a cache whose teacher tokenizer differs")
     verify_checksums: bool = field(True, help="recompute the sha256 of this rank's shards before training")
+    truncation: Literal["error", "warn"] = field(
+        "error",
+        help="when the student's token limits keep less of a sample's text (prompt or response) than the "
+        "teacher saw: 'error' stops naming the sample; 'warn' trains on and counts them (metrics "
+        "'cut_vs_teacher')",
+    )
     teacher_tokenizer: str | None = field(
         None,
         help="the teacher tokenizer (dir or model:NAME) for a cache built before caches stored it; MinED "

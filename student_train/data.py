@@ -56,6 +56,7 @@ class DistillBatch:
     t_topk_logprobs: torch.Tensor | None = None
     aligned_positions: torch.Tensor | None = None
     mined_positions: torch.Tensor | None = None
+    cut_vs_teacher: int = 0
 
     @property
     def num_label_tokens(self) -> int:
@@ -83,9 +84,10 @@ def collate(
     max_length: int,
     with_teacher: bool,
     alignment: BatchAlignment | None = None,
+    truncation: str = "error",
 ) -> DistillBatch:
     """Student-tokenise rows (CachedRow or Record) and pad both sides into a :class:`DistillBatch`."""
-    s_ids, s_labels, s_offsets = [], [], []
+    s_ids, s_labels, s_offsets, cut = [], [], [], 0
     for r in rows:
         t = tokenize_pair(
             tokenizer,
@@ -100,6 +102,14 @@ def collate(
         s_ids.append(t.input_ids[:-1].astype(np.int64))
         s_labels.append(_labels_for(t.input_ids, t.response_start))
         s_offsets.append(t.offsets)
+        if with_teacher:
+            short = _shorter_than_teacher(t, r)
+            if short and truncation == "error":
+                raise ValueError(
+                    f"sample {r.sample_id}: the student's token limits keep {short}; raise student.max_length / "
+                    "student.max_prompt_length, or set data.truncation=warn to train on and count such samples"
+                )
+            cut += bool(short)
     n = max(len(x) for x in s_ids)
     bsz = len(rows)
     input_ids = torch.full((bsz, n), pad_id, dtype=torch.long)
@@ -131,6 +141,7 @@ def collate(
         t_mask[i, :p] = 1
         t_hidden[i, :p] = r.hidden
     batch.t_input_ids, batch.t_labels, batch.t_mask, batch.t_hidden = t_ids, t_labels, t_mask, t_hidden
+    batch.cut_vs_teacher = cut
     if alignment is None:
         return batch
     if alignment.topk:
@@ -166,6 +177,26 @@ def collate(
         if alignment.mined is not None:
             batch.mined_positions = pos["mined"]
     return batch
+
+
+def _text_end(ids: np.ndarray, offsets: np.ndarray, start: int, stop: int) -> int:
+    """Character end of the tokens ``start..stop-1`` that have a non-empty span (0 if none)."""
+    spans = np.asarray(offsets)[start:stop]
+    spans = spans[spans[:, 1] > spans[:, 0]]
+    return int(spans[:, 1].max()) if len(spans) else 0
+
+
+def _shorter_than_teacher(student, row) -> str:
+    """'' when the student keeps at least the text the teacher saw, else what it loses (for messages)."""
+    s_prompt = _text_end(student.input_ids, student.offsets, 0, student.response_start)
+    t_prompt = _text_end(row.input_ids, row.offsets, 0, row.response_start)
+    s_end = _text_end(student.input_ids, student.offsets, 0, len(student.input_ids))
+    t_end = _text_end(row.input_ids, row.offsets, 0, len(row.input_ids))
+    if s_prompt < t_prompt:
+        return f"{s_prompt} prompt characters where the teacher saw {t_prompt}"
+    if s_end < t_end:
+        return f"{s_end} characters where the teacher saw {t_end}"
+    return ""
 
 
 class Schedule:

@@ -112,6 +112,7 @@ def main(argv=None) -> int:
         max_length=cfg.student.max_length,
         with_teacher=objective.needs_teacher,
         alignment=alignment,
+        truncation=cfg.data.truncation,
     )
 
     # student, projectors, and the teacher constants (head and embeddings: read-only, never a teacher model)

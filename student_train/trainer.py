@@ -260,7 +260,7 @@ def run_steps(
         local_tokens = torch.tensor(float(sum(b.num_label_tokens for b in micro)), device=device)
         n_global = all_sum(local_tokens).item()
         scale = grad_accum * world / max(n_global, 1.0)  # undo DeepSpeed's 1/GA and 1/world averaging
-        sums = torch.zeros(len(TERMS) + 1, device=device, dtype=torch.float64)
+        sums = torch.zeros(len(TERMS) + 2, device=device, dtype=torch.float64)  # loss, terms, cut samples
         window_bad = False
         ids = []
         lr_used = engine.optimizer.param_groups[0]["lr"]
@@ -276,6 +276,7 @@ def run_steps(
             else:
                 engine.backward(out.total * scale)
                 sums[0] += out.total.detach().double()
+                sums[-1] += b.cut_vs_teacher
                 for k, t in enumerate(TERMS):
                     sums[k + 1] += out.terms[t].double()
             ids.extend(b.sample_ids)
@@ -320,6 +321,7 @@ def run_steps(
                 "skipped": bool(window_bad),
                 "nan_skips": cursor.nan_skips,
                 "first_sample": ids[0] if ids else None,
+                "cut_vs_teacher": int(sums[-1]),
                 "samples": samples,
             }
             metrics.log(rec)

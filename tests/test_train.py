@@ -205,7 +205,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, cache_dir
     assert [r["step"] for r in got] == list(range(1, 15))
     for a, b in zip(ref[killed_at:], got[killed_at:]):
         assert a["first_sample"] == b["first_sample"], (a["step"], "a different next batch after resume")
-        assert a["samples"] == b["samples"] and len(b["samples"]) == 2, (a["step"], "another rank's batch differs")
+        assert a["samples"] == b["samples"] and len(b["samples"]) == 2, (
+            a["step"],
+            "another rank's batch differs",
+        )
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
     assert any(r["epoch"] == 1 for r in got), "the run should cross an epoch boundary"
     assert len({s for r in ref for s in r["samples"]}) == 2 * 14  # every rank-step consumed other samples
@@ -518,3 +521,15 @@ def test_resume_loads_weights_only_and_refuses_a_planted_pickle(
     assert not marker.exists(), "the planted pickle ran during resume"
     torch.load(evil, weights_only=False)  # the payload is live: an unguarded load does run it
     assert marker.exists()
+
+
+def test_student_limits_that_cut_text_the_teacher_saw_are_an_error_unless_asked(
+    tmp_path, cache_dir, student_dir
+):
+    """A student max_prompt_length shorter than the teacher's cut: refused by default, counted with 'warn'."""
+    args = ["train.micro_batch=4", "train.max_steps=2", "train.zero_stage=0", "student.max_prompt_length=4"]
+    res = launch(_args(student_dir, cache_dir, tmp_path / "a", *args), 1, check=False)
+    assert res.returncode != 0 and "the student's token limits keep" in res.stderr
+    assert "data.truncation=warn" in res.stderr
+    launch(_args(student_dir, cache_dir, tmp_path / "b", *args, "data.truncation=warn"), 1)
+    assert all(r["cut_vs_teacher"] > 0 for r in _metrics(tmp_path / "b"))
