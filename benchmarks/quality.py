@@ -131,6 +131,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--select", action="store_true", help="evaluate on the held-out dev slice, not the test sets"
     )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train and evaluate nothing: the table of the finished runs",
+    )
     ap.add_argument("--out", default=None, help="JSON results file")
     ap.add_argument("--md", default=None, help="markdown table file")
     return ap.parse_args(argv)
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     cache = work / f"cache-{len(train_rows)}-{args.max_length}"
     half = args.max_length // 2
-    if not (cache / "manifest.json").exists():
+    if not (cache / "manifest.json").exists() and not args.report_only:
         sec = sh(
             [
                 py, "-m", "teacher_cache.job", "--config", args.cache_config, "--no-progress",
@@ -255,7 +260,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def evaluate(
         checkpoint: str, evdir: Path, log: Path, samples: int, seeds: str, bpb: int | None = None
-    ) -> dict:
+    ) -> dict | None:
+        if args.report_only:
+            return (
+                json.loads((evdir / "metrics.json").read_text())
+                if (evdir / "metrics.json").exists()
+                else None
+            )
         if not (evdir / "metrics.json").exists():
             sets_yaml = "[" + ",".join(f"{{name: {n}, path: {p}}}" for n, p in sets) + "]"
             sh(
@@ -278,18 +289,19 @@ def main(argv: list[str] | None = None) -> int:
             teacher, work / tname, work / f"{tname}.log",
             args.teacher_eval_samples, args.teacher_eval_seeds, args.teacher_bpb_samples,
         )  # fmt: skip
-        results["teacher"] = [m]
-        print(f"teacher: {summary_line(m)}", flush=True)
+        if m is not None:
+            results["teacher"] = [m]
+            print(f"teacher: {summary_line(m)}", flush=True)
     if args.student_base:
         base = work / f"student-base{pair_tag}"
-        if not (base / "export" / "config.json").exists():
+        if not (base / "export" / "config.json").exists() and not args.report_only:
             save_untrained(
                 args.train_config, [f"student.path={student_init}", *student_over], base / "export"
             )
-        results["student (no training)"] = [
-            evaluate(str(base / "export"), base / ev_name, work / f"{base.name}.{ev_name}.log",
-                     args.eval_samples, args.eval_seeds)
-        ]  # fmt: skip
+        m = evaluate(str(base / "export"), base / ev_name, work / f"{base.name}.{ev_name}.log",
+                     args.eval_samples, args.eval_seeds)  # fmt: skip
+        if m is not None:
+            results["student (no training)"] = [m]
     # seeds outer, methods inner: a benchmark cut short still has every method at the same seeds
     for lr in lrs:
         for seed in [int(s) for s in args.seeds.split(",")]:
@@ -297,10 +309,12 @@ def main(argv: list[str] | None = None) -> int:
                 extra = overrides if method != "sft" else []  # SFT is shared with the main comparison
                 name = f"{method}-seed{seed}-lr{tag(lr)}-ep{args.epochs}{pair_tag}{warm_tag}"
                 run = work / (name + (set_tag if extra else ""))
-                if not (run / "export" / "config.json").exists():
+                if not (run / "export" / "config.json").exists() and not args.report_only:
                     train(run, method, seed, student_init, args.epochs, lr, extra)
                 m = evaluate(str(run / "export"), run / ev_name, work / f"{run.name}.{ev_name}.log",
                              args.eval_samples, args.eval_seeds)  # fmt: skip
+                if m is None:
+                    continue
                 timing = (
                     json.loads((run / "timing.json").read_text()) if (run / "timing.json").exists() else {}
                 )
