@@ -121,6 +121,9 @@ class TrainLoop:
     offload: bool = field(False, help="offload optimizer state to CPU (ZeRO >= 1)")
     max_nan_skips: int = field(10, help="stop the run after this many skipped non-finite steps")
     log_every: int = field(1, help="optimizer steps between metric records")
+    collective_timeout_s: float = field(
+        1800.0, help="a collective (all-reduce, barrier) waiting longer than this fails the run with an error"
+    )
 
     def validate(self) -> None:
         if self.micro_batch < 1 or self.grad_accum < 1 or self.epochs < 1:

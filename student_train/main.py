@@ -74,7 +74,7 @@ def main(argv=None) -> int:
 
     cfg, args = parse(argv)
     objective = cfg.objective_config()
-    rank, world, _ = init_distributed()
+    rank, world, _ = init_distributed(cfg.train.collective_timeout_s)
     torch.manual_seed(cfg.train.seed)
     out = Path(cfg.output.dir)
 

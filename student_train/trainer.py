@@ -28,8 +28,13 @@ class UnsafeCheckpointError(RuntimeError):
     """A checkpoint file needs a pickled global outside the allow-list: refused, nothing in it was run."""
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank); works under the deepspeed launcher and as a plain single process."""
+def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int]:
+    """(rank, world size, local rank); works under the deepspeed launcher and as a plain single process.
+
+    Every collective fails after ``timeout_s`` seconds instead of waiting forever for a dead rank.
+    """
+    from datetime import timedelta
+
     import deepspeed
 
     os.environ.setdefault("RANK", "0")
@@ -38,7 +43,9 @@ def init_distributed() -> tuple[int, int, int]:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    deepspeed.init_distributed(
+        dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
+    )
     return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
 
 
