@@ -44,6 +44,16 @@ def space_marker(tokenizer) -> str:
     return best if counts[best] > 0 else ""
 
 
+def check_offsets(offsets: np.ndarray, text_length: int, what: str) -> None:
+    """Spans must lie inside the text and not be reversed: anything else means a damaged cache row."""
+    off = np.asarray(offsets).reshape(-1, 2)
+    if len(off) and (off.min() < 0 or off.max() > text_length or (off[:, 1] < off[:, 0]).any()):
+        raise ValueError(
+            f"{what} offsets {off.min()}..{off.max()} do not lie inside the text of {text_length} characters "
+            "(or a span is reversed): the cache row does not describe this text"
+        )
+
+
 def _cuts(offsets: np.ndarray, length: int) -> np.ndarray:
     """Boolean ``[length + 1]``: character positions no token's span strictly contains."""
     cut = np.ones(length + 1, dtype=bool)
@@ -269,13 +279,8 @@ class BatchAlignment:
         means the cache and the records disagree, and is an error.
         """
         if text_length is not None:
-            for name, off in (("student", s_offsets), ("teacher", t_offsets)):
-                off = np.asarray(off).reshape(-1, 2)
-                if len(off) and (off.min() < 0 or off.max() > text_length or (off[:, 1] < off[:, 0]).any()):
-                    raise ValueError(
-                        f"{name} offsets {off.min()}..{off.max()} do not lie inside the text of "
-                        f"{text_length} characters (or a span is reversed)"
-                    )
+            check_offsets(s_offsets, text_length, "student")
+            check_offsets(t_offsets, text_length, "teacher")
         out = {}
         if self.offsets:
             out["offsets"] = aligned_next_token_positions(s_offsets, t_offsets, s_pos, t_pos)

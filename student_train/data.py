@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.tokenize import IGNORE_INDEX, tokenize_pair
-from student_train.align import BatchAlignment
+from student_train.align import BatchAlignment, check_offsets
 from teacher_cache.format import CachedRow
 
 IGNORE = IGNORE_INDEX
@@ -103,6 +103,7 @@ def collate(
         s_labels.append(_labels_for(t.input_ids, t.response_start))
         s_offsets.append(t.offsets)
         if with_teacher:
+            check_offsets(r.offsets, len(r.prompt) + len(r.response), f"sample {r.sample_id}: teacher")
             short = _shorter_than_teacher(t, r)
             if short and truncation == "error":
                 raise ValueError(
