@@ -30,9 +30,8 @@ sys.path.insert(0, str(REPO))
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import load_config
-    from pipeline.tokenize import eos_id_of
     from student_train.config import TrainConfig
-    from student_train.data import CacheBatches, Schedule
+    from student_train.data import CacheBatches, Schedule, collate_kwargs
     from student_train.losses.cma import Projectors
     from student_train.losses.objective import TERM_NAMES, compute_terms
     from student_train.model import Distiller, load_student, load_student_tokenizer
@@ -75,15 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         proj.load_state_dict(load_file(str(proj_file)), strict=False)
     distiller = Distiller(student, proj, obj, cache.load_head()[0].float(), cache.load_embeddings().float())
     sched = Schedule([s["rows"] for s in cache.shards], 0, 1, cfg.train.micro_batch, args.seed, 256)
-    kw = dict(
-        tokenizer=tok,
-        pad_id=tok.pad_token_id,
-        eos_id=eos_id_of(tok, cfg.student.eos_token),
-        max_prompt_length=cfg.student.max_prompt_length,
-        max_length=cfg.student.max_length,
-        with_teacher=True,
-        truncation=cfg.data.truncation,
-    )
+    kw = collate_kwargs(cfg, tok, with_teacher=True)
     s_params = [p for p in student.parameters() if p.requires_grad]
     p_params = list(proj.parameters())
     weight = {

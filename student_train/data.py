@@ -74,6 +74,22 @@ def _labels_for(ids: np.ndarray, response_start: int) -> np.ndarray:
     return labels
 
 
+def collate_kwargs(cfg, tokenizer, *, with_teacher: bool, alignment: BatchAlignment | None = None) -> dict:
+    """The keyword arguments of :func:`collate` for a training config (a ``TrainConfig``) and its tokenizer."""
+    from pipeline.tokenize import eos_id_of
+
+    return dict(
+        tokenizer=tokenizer,
+        pad_id=tokenizer.pad_token_id,
+        eos_id=eos_id_of(tokenizer, cfg.student.eos_token),
+        max_prompt_length=cfg.student.max_prompt_length,
+        max_length=cfg.student.max_length,
+        with_teacher=with_teacher,
+        alignment=alignment,
+        truncation=cfg.data.truncation,
+    )
+
+
 def collate(
     rows: list,
     tokenizer,

@@ -55,9 +55,8 @@ def main(argv=None) -> int:
     import deepspeed
 
     from pipeline.records import DataConfig, read_records
-    from pipeline.tokenize import eos_id_of
     from student_train.align import BatchAlignment, MinedVocab
-    from student_train.data import CacheRows, RecordRows, Schedule, ScheduledBatches
+    from student_train.data import CacheRows, RecordRows, Schedule, ScheduledBatches, collate_kwargs
     from student_train.losses.cma import Projectors
     from student_train.model import Distiller, export_student, load_student, load_student_tokenizer
     from student_train.trainer import (
@@ -104,16 +103,7 @@ def main(argv=None) -> int:
         alignment = BatchAlignment(
             offsets=objective.needs_offsets_pairing, mined=mined, topk=objective.logit_kd == "uld_topk"
         )
-    collate_kw = dict(
-        tokenizer=tok,
-        pad_id=tok.pad_token_id,
-        eos_id=eos_id_of(tok, cfg.student.eos_token),
-        max_prompt_length=cfg.student.max_prompt_length,
-        max_length=cfg.student.max_length,
-        with_teacher=objective.needs_teacher,
-        alignment=alignment,
-        truncation=cfg.data.truncation,
-    )
+    collate_kw = collate_kwargs(cfg, tok, with_teacher=objective.needs_teacher, alignment=alignment)
 
     # student, projectors, and the teacher constants (head and embeddings: read-only, never a teacher model)
     student = load_student(cfg)
