@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The pretrained-pair benchmark of docs/BENCHMARKS.md end to end, resumable: re-run it to go on where it stopped
+# (finished runs and evaluations are kept and skipped). Hours on 2 CPU cores; the work directory lives outside
+# the work tree so that it outlives a fresh checkout: WORK=${WORK:-$HOME/xtokd-runs/quality-pair}.
+#   1. the LR, chosen once on the held-out Dolly dev slice with SFT (lowest bits-per-byte);
+#   2. SFT, DSKD, DWA-KD over 3 training seeds (seed 1 first), then the baselines and the Teacher row.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${WORK:-$HOME/xtokd-runs/quality-pair}
+export TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
+PY=.venv/bin/python
+Q=(benchmarks/quality.py --work "$WORK")
+"$PY" "${Q[@]}" --select --lrs 2e-5,1e-4,5e-4 --methods sft --seeds 1 --eval-samples 20 --eval-seeds 10 \
+    --bpb-samples 0 --out "$WORK/select.json" --md "$WORK/select.md"
+LR=$("$PY" -c "
+import json, sys; s = json.load(open(sys.argv[1]))['summary']
+print(min(s, key=lambda k: s[k]['mean_bpb'][0]).split('lr=')[1])" "$WORK/select.json")
+echo "selected lr $LR" | tee "$WORK/selected_lr.txt"
+"$PY" "${Q[@]}" --lrs "$LR" --methods sft,dskd,dwa_kd --seeds 1 --bpb-samples 500 --student-base \
+    --out "$WORK/main-seed1.json" --md "$WORK/main-seed1.md"
+"$PY" "${Q[@]}" --lrs "$LR" --methods sft,dskd,dwa_kd --seeds 1,2,3 --bpb-samples 500 --student-base \
+    --out "$WORK/main.json" --md "$WORK/main.md"
+"$PY" "${Q[@]}" --lrs "$LR" --methods sft,dskd,dwa_kd,uld,mined,multilevel_ot --seeds 1,2,3 --bpb-samples 500 \
+    --student-base --teacher --out "$WORK/all.json" --md "$WORK/all.md"
