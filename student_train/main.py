@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher
 
 import torch
 
-from pipeline.config import config_hash, describe, load_config
+from pipeline.config import config_hash, describe, load_config, to_dict
 from student_train.config import TrainConfig
 from student_train.losses.objective import PRESETS, ObjectiveConfig
 
@@ -63,8 +63,10 @@ def main(argv=None) -> int:
         MetricsLog,
         checkpoint_safe_globals,
         cosine_lambda,
+        flat_config,
         init_distributed,
         load_checkpoint,
+        resume_safe,
         run_steps,
         save_checkpoint,
         weights_only_loads,
@@ -138,13 +140,19 @@ def main(argv=None) -> int:
         model=distiller, optimizer=opt, lr_scheduler=lr_sched, config=cfg.deepspeed_config(world)
     )
 
-    # resume: the checkpoint must come from the same config and the same cache
+    # resume: the checkpoint must come from the same config (but for how long to train, logging and saving)
+    # and the same cache
+    settings = flat_config(cfg)
     identity = {
-        "config_hash": config_hash({k: v for k, v in vars(cfg).items() if k != "output"}),
+        "config_hash": config_hash({k: v for k, v in settings.items() if not resume_safe(k)}),
         "cache_fingerprint": cache.manifest["job_fingerprint"] if cache else None,
     }
     ckpt_dir = out / "checkpoints"
-    cursor = load_checkpoint(engine, ckpt_dir, identity) if cfg.output.resume else None
+    cursor = load_checkpoint(engine, ckpt_dir, identity, settings) if cfg.output.resume else None
+    if rank == 0:  # what this run resolved, for operators and for the next resume
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+        (out / "deepspeed_config.json").write_text(json.dumps(cfg.deepspeed_config(world), indent=2))
     from student_train.trainer import Cursor
 
     cursor = cursor or Cursor()
@@ -178,7 +186,7 @@ def main(argv=None) -> int:
         return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=cfg.data.num_workers)
 
     def on_save(c):
-        save_checkpoint(engine, ckpt_dir, c, identity)
+        save_checkpoint(engine, ckpt_dir, c, {**identity, "settings": settings})
 
     cursor = run_steps(
         engine,

@@ -194,7 +194,41 @@ def weights_only_loads(allowed: list):
         torch.load = real_load
 
 
-def load_checkpoint(engine, ckpt_dir: Path, expect: dict) -> Cursor | None:
+RESUME_SAFE = (
+    "output.",
+    "train.epochs",
+    "train.max_steps",
+    "train.log_every",
+    "train.max_nan_skips",
+    "train.collective_timeout_s",
+    "data.verify_checksums",
+    "data.num_workers",
+)
+"""Settings a run may change when it resumes (how long to train, logging, saving); anything else refuses."""
+
+
+def resume_safe(key: str) -> bool:
+    return any(key == s or key.startswith(s) for s in RESUME_SAFE)
+
+
+def flat_config(cfg) -> dict:
+    """A training config as ``{"section.key": value}`` (the objective's keys too)."""
+    from pipeline.config import to_dict
+
+    out: dict = {}
+
+    def walk(node, prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = v
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+def load_checkpoint(engine, ckpt_dir: Path, expect: dict, settings: dict | None = None) -> Cursor | None:
     """Resume from ``ckpt_dir/latest`` if present; refuses a checkpoint of another config or cache, and any
     file that would unpickle more than tensors and the few DeepSpeed types of ``checkpoint_safe_globals``."""
     if not (ckpt_dir / "latest").exists():
@@ -205,12 +239,24 @@ def load_checkpoint(engine, ckpt_dir: Path, expect: dict) -> Cursor | None:
         raise RuntimeError(
             f"{ckpt_dir}: 'latest' exists but the checkpoint could not be loaded; delete it to start over"
         )
+    before = client.get("settings") or {}
+    changed = {k: (before.get(k), v) for k, v in (settings or {}).items() if k in before and before[k] != v}
     for key, value in expect.items():
         if client.get(key) != value:
-            raise RuntimeError(
-                f"{path}: checkpoint was written with {key}={client.get(key)!r}, this run has {value!r}; "
-                "use another output.dir, or set output.resume=false to start fresh"
+            named = {k: c for k, c in changed.items() if not resume_safe(k)}
+            what = (
+                ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in named.items())
+                or f"{key}={client.get(key)!r}"
             )
+            raise RuntimeError(
+                f"{path}: this run differs from the checkpoint's in what it trains ({what}); use another "
+                "output.dir, or set output.resume=false to start fresh"
+            )
+    safe = {k: c for k, c in changed.items() if resume_safe(k) and not k.startswith("output.")}
+    if safe and dist.get_rank() == 0:
+        print(
+            "[train] resuming with changed " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in safe.items())
+        )
     return Cursor(**client["cursor"])
 
 

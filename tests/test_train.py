@@ -533,3 +533,21 @@ def test_student_limits_that_cut_text_the_teacher_saw_are_an_error_unless_asked(
     assert "data.truncation=warn" in res.stderr
     launch(_args(student_dir, cache_dir, tmp_path / "b", *args, "data.truncation=warn"), 1)
     assert all(r["cut_vs_teacher"] > 0 for r in _metrics(tmp_path / "b"))
+
+
+def test_resume_accepts_a_longer_run_and_names_what_else_changed(tmp_path, cache_dir, student_dir):
+    """Training longer resumes (and says so); changing what is trained is refused, naming the key."""
+    out = tmp_path / "run"
+    base = ["train.micro_batch=4", "train.zero_stage=0", "output.save_every=1", "output.export=false"]
+    launch(_args(student_dir, cache_dir, out, *base, "train.max_steps=2"), 1)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["max_steps"] == 2 and (out / "deepspeed_config.json").exists()
+    res = launch(_args(student_dir, cache_dir, out, *base, "train.max_steps=3"), 1)
+    assert (
+        "resuming at step 2" in res.stdout and "resuming with changed train.max_steps: 2 -> 3" in res.stdout
+    )
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3]
+    res = launch(
+        _args(student_dir, cache_dir, out, *base, "train.max_steps=4", "optim.lr=0.1"), 1, check=False
+    )
+    assert res.returncode != 0 and "optim.lr: 0.0005 -> 0.1" in res.stderr
