@@ -42,16 +42,31 @@ def parse(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     ap.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (file + overrides + defaults) and the objective it selects, then exit",
+    )
+    ap.add_argument(
         "overrides", nargs="*", help="dotted overrides, e.g. train.zero_stage=3 lora.enabled=true"
     )
     args = ap.parse_args(argv)
     try:
-        return load_config(TrainConfig, args.config, args.overrides), args
+        cfg = load_config(TrainConfig, args.config, args.overrides)
     except ValueError as e:  # a user mistake in the config: one line, not a traceback
         ap.exit(2, f"error: {e}\n")
+    if args.print_config:
+        import dataclasses
+
+        import yaml
+
+        resolved = {**to_dict(cfg), "objective": dataclasses.asdict(cfg.objective_config())}
+        print(yaml.safe_dump(resolved, sort_keys=False), end="")
+        sys.exit(0)
+    return cfg, args
 
 
 def main(argv=None) -> int:
+    cfg, args = parse(argv)  # before deepspeed is imported: --help and --print-config print only their own text
     import deepspeed
 
     from pipeline.records import DataConfig, read_records
@@ -73,7 +88,6 @@ def main(argv=None) -> int:
     )
     from teacher_cache.reader import CacheExpectation, open_cache
 
-    cfg, args = parse(argv)
     objective = cfg.objective_config()
     rank, world, _ = init_distributed(cfg.train.collective_timeout_s)
     torch.manual_seed(cfg.train.seed)

@@ -99,3 +99,21 @@ def test_student_job_reports_config_mistakes_in_one_line():
     assert res.returncode == 2 and "unknown objective preset 'nope'" in res.stderr and "Traceback" not in res.stderr
     out = subprocess.run([*base[:2], "--help"], cwd=repo, capture_output=True, text=True).stdout
     assert "objective.kd_temperature=2.0" in out and "multilevel_ot" in out
+
+
+def test_print_config_shows_the_resolved_objective():
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run(
+        [sys.executable, "student_train/main.py", "--config", "configs/train/qwen_smollm2_dolly.yaml",
+         "objective.preset=mined", "--print-config"],
+        cwd=repo, capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    cfg = yaml.safe_load(res.stdout)
+    assert cfg["objective"]["logit_kd"] == "mined" and cfg["objective"]["lambda_logit"] == 0.5
+    assert cfg["student"]["keep_layers"] == 24 and cfg["data"]["truncation"] == "warn"
