@@ -183,7 +183,7 @@ def test_mined_alignment_and_targets_match_dskd_reference():
     t_step = torch.randn(7, 9)
     labels = torch.tensor([1, 2, 3, 4, 5, 6, 7])
     target = bl.mined_targets(
-        t_step[torch.from_numpy(np.maximum(pos, 0))],
+        t_step[torch.from_numpy(pos[pos >= 0])],
         torch.from_numpy(pos >= 0),
         labels,
         torch.tensor(list(first)),

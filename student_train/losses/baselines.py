@@ -107,8 +107,8 @@ def mined_targets(
     are the one-hot logits of the label (``100`` at the label, ``-1e5`` elsewhere).
 
     Args:
-        teacher_logits_rows: ``[P, V_T]`` teacher logits of each row's aligned teacher position (any
-            values on unaligned rows).
+        teacher_logits_rows: ``[A, V_T]`` teacher logits of the aligned rows only, in row order (``A`` =
+            ``aligned.sum()``: no vocabulary-sized work for rows that get the one-hot target).
         aligned: ``[P]`` bool, the row has a one-to-one, vocabulary-consistent teacher position.
         labels: ``[P]`` student label ids.
         stu_ids, tea_ids: ``[K]`` the vocabulary map's image in the student vocabulary and, for each, the
@@ -116,9 +116,11 @@ def mined_targets(
         vocab_size: ``V_S``.
     """
     out = torch.full((labels.shape[0], vocab_size), -1e5, dtype=torch.float32, device=labels.device)
-    out[:, stu_ids] = teacher_logits_rows.float()[:, tea_ids]
-    one_hot = torch.full_like(out, -1e5).scatter_(1, labels[:, None], 100.0)
-    return torch.where(aligned[:, None], out, one_hot)
+    out.scatter_(1, labels[:, None], 100.0)  # one-hot rows; aligned rows are overwritten below
+    projected = torch.full((int(aligned.sum()), vocab_size), -1e5, dtype=torch.float32, device=labels.device)
+    projected[:, stu_ids] = teacher_logits_rows.float()[:, tea_ids]
+    out[aligned] = projected
+    return out
 
 
 def mined_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -717,7 +717,7 @@ def logit_kd_term(
         b, j = s_mask.nonzero(as_tuple=True)
         pos = inputs.mined_positions[b, j]
         aligned = pos.ge(0)
-        rows = baselines.teacher_logits(flat_h[b * m + pos.clamp(min=0)], head, bias)
+        rows = baselines.teacher_logits(flat_h[(b * m + pos)[aligned]], head, bias)  # aligned rows only
         stu_ids, tea_ids = inputs.mined_map
         target = baselines.mined_targets(rows, aligned, inputs.student_labels[b, j], stu_ids, tea_ids, v_s)
         return baselines.mined_loss(s_logits[b, j], target, cfg.kd_temperature)
