@@ -23,8 +23,6 @@ from pipeline.tokenize import IGNORE_INDEX, tokenize_pair
 from student_train.align import BatchAlignment, check_offsets
 from teacher_cache.format import CachedRow
 
-IGNORE = IGNORE_INDEX
-
 
 @dataclass
 class DistillBatch:
@@ -60,7 +58,7 @@ class DistillBatch:
 
     @property
     def num_label_tokens(self) -> int:
-        return int(self.labels.ne(IGNORE).sum())
+        return int(self.labels.ne(IGNORE_INDEX).sum())
 
     def to(self, device) -> DistillBatch:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
@@ -70,7 +68,7 @@ class DistillBatch:
 def _labels_for(ids: np.ndarray, response_start: int) -> np.ndarray:
     """Next-token labels of ``ids[:-1]``: ``ids[1:]`` with prompt targets masked (first valid at |p|-1)."""
     labels = ids[1:].astype(np.int64).copy()
-    labels[: max(0, response_start - 1)] = IGNORE
+    labels[: max(0, response_start - 1)] = IGNORE_INDEX
     return labels
 
 
@@ -130,7 +128,7 @@ def collate(
     n = max(len(x) for x in s_ids)
     bsz = len(rows)
     input_ids = torch.full((bsz, n), pad_id, dtype=torch.long)
-    labels = torch.full((bsz, n), IGNORE, dtype=torch.long)
+    labels = torch.full((bsz, n), IGNORE_INDEX, dtype=torch.long)
     attn = torch.zeros((bsz, n), dtype=torch.long)
     for i, (x, y) in enumerate(zip(s_ids, s_labels)):
         input_ids[i, : len(x)] = torch.from_numpy(x)
@@ -148,7 +146,7 @@ def collate(
     m = max(len(r.input_ids) - 1 for r in rows)
     d = rows[0].hidden.shape[1]
     t_ids = torch.zeros((bsz, m), dtype=torch.long)
-    t_labels = torch.full((bsz, m), IGNORE, dtype=torch.long)
+    t_labels = torch.full((bsz, m), IGNORE_INDEX, dtype=torch.long)
     t_mask = torch.zeros((bsz, m), dtype=torch.long)
     t_hidden = torch.zeros((bsz, m, d), dtype=torch.float32)
     for i, r in enumerate(rows):
@@ -173,8 +171,8 @@ def collate(
             "mined": torch.full((bsz, n), -1, dtype=torch.long),
         }
         for i, r in enumerate(rows):
-            s_pos = np.flatnonzero(s_labels[i] != IGNORE)
-            t_pos = np.flatnonzero(t_labels[i].numpy() != IGNORE)
+            s_pos = np.flatnonzero(s_labels[i] != IGNORE_INDEX)
+            t_pos = np.flatnonzero(t_labels[i].numpy() != IGNORE_INDEX)
             try:
                 found = alignment.sample(
                     s_ids[i],

@@ -385,7 +385,7 @@ def test_schedule_and_loader_workers_partition_the_data(cache_dir, student_dir):
     from transformers import AutoTokenizer
 
     from pipeline.tokenize import eos_id_of
-    from student_train.data import IGNORE, Schedule, ScheduledBatches
+    from student_train.data import IGNORE_INDEX, Schedule, ScheduledBatches
     from teacher_cache.reader import open_cache
 
     cache = open_cache(str(cache_dir))
@@ -416,9 +416,9 @@ def test_schedule_and_loader_workers_partition_the_data(cache_dir, student_dir):
     assert [b.sample_ids for b in ScheduledBatches(cache, s, 0, 5, kw)] == plain[5:]
     b = next(iter(ScheduledBatches(cache, s, 0, 0, kw)))
     for i in range(b.labels.shape[0]):  # the last prompt position predicts the first response token
-        row_valid = b.labels[i].ne(IGNORE).nonzero().flatten()
+        row_valid = b.labels[i].ne(IGNORE_INDEX).nonzero().flatten()
         assert row_valid.numel() > 0 and (row_valid.diff() == 1).all()
-        t_valid = b.t_labels[i].ne(IGNORE).nonzero().flatten()
+        t_valid = b.t_labels[i].ne(IGNORE_INDEX).nonzero().flatten()
         assert b.t_mask[i, t_valid].all() and (b.t_hidden[i, b.t_mask[i] == 0] == 0).all()
 
 
