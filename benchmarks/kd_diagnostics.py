@@ -31,9 +31,10 @@ sys.path.insert(0, str(REPO))
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import load_config
     from student_train.config import TrainConfig
-    from student_train.data import CacheBatches, Schedule, collate_kwargs
+    from student_train.data import Schedule, ScheduledBatches, collate_kwargs
     from student_train.losses.cma import Projectors
-    from student_train.losses.objective import TERM_NAMES, compute_terms
+    from student_train.losses.config import TERM_NAMES
+    from student_train.losses.objective import compute_terms
     from student_train.model import Distiller, load_student, load_student_tokenizer
     from teacher_cache.reader import open_cache
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
         proj.load_state_dict(load_file(str(proj_file)), strict=False)
     distiller = Distiller(student, proj, obj, cache.load_head()[0].float(), cache.load_embeddings().float())
-    sched = Schedule([s["rows"] for s in cache.shards], 0, 1, cfg.train.micro_batch, args.seed, 256)
+    sched = Schedule(cache.shard_rows, 0, 1, cfg.train.micro_batch, args.seed, 256)
     kw = collate_kwargs(cfg, tok, with_teacher=True)
     s_params = [p for p in student.parameters() if p.requires_grad]
     p_params = list(proj.parameters())
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "logit_kd": obj.lambda_logit,
     }
     rows: list[dict] = []
-    for i, batch in enumerate(CacheBatches(cache, sched, 0, 0, kw)):
+    for i, batch in enumerate(ScheduledBatches(cache, sched, 0, 0, kw)):
         if i >= args.batches:
             break
         terms, counts = compute_terms(obj, distiller.objective_inputs(batch), proj)

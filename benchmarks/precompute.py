@@ -190,11 +190,11 @@ def main() -> int:
                 f"cache.hidden_dtype={dt}",
             ],
         )
-        s = run(c, progress=False)["stats"]
+        s = run(c, progress=False).stats
         sizes[dt] = {
-            "bytes_per_position": s["bytes_per_position"],
-            "hidden_bytes_per_position": s["hidden_bytes_per_position"],
-            "dense_fp16_logits_bytes_per_position": s["dense_fp16_logits_bytes_per_position"],
+            "bytes_per_position": s.bytes_per_position,
+            "hidden_bytes_per_position": s.hidden_bytes_per_position,
+            "dense_fp16_logits_bytes_per_position": s.dense_fp16_logits_bytes_per_position,
         }
 
     # fidelity of each stored dtype on the real teacher: mean KL(live || recomputed) over all positions of the first batches
@@ -235,7 +235,7 @@ def main() -> int:
         "peak_rss_mb_driver": rss_b,
         "sizes": sizes,
         "fidelity_mean_kl": fidelity,
-        "job_seconds_in_manifest": manifest["stats"]["job_seconds"],
+        "job_seconds_in_manifest": manifest.stats.job_seconds,
         "marginal": marginal,
     }
     if args.out:

@@ -23,7 +23,7 @@ exists is not run again; each run's wall time is kept in its timing.json. Kill i
 again to go on. The table (mean ± std over training seeds) goes to stdout and to --out (JSON) and --md.
 
 Legacy regime (session 1): --cache-config configs/cache/smollm2_dolly.yaml --train-config
-configs/train/smollm2_gpt2_dolly_dwa_kd.yaml --random-student 256x4 (a random-init GPT-2 student).
+configs/train/smollm2_gpt2_dolly.yaml --random-student 256x4 (a random-init GPT-2 student).
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import yaml
 
-    from student_train.losses.objective import PRESETS
+    from student_train.losses.config import PRESETS
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in PRESETS]

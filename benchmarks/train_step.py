@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.tokenize import eos_id_of  # noqa: E402
-from student_train.data import CacheBatches, Schedule  # noqa: E402
+from student_train.data import Schedule, ScheduledBatches  # noqa: E402
 from student_train.losses.cma import Projectors  # noqa: E402
 from student_train.losses.objective import ObjectiveConfig  # noqa: E402
 from student_train.model import Distiller  # noqa: E402
@@ -138,7 +138,7 @@ def main() -> int:
         )
     )
     n_student = sum(p.numel() for p in student.parameters())
-    sched = Schedule([s["rows"] for s in cache.shards], 0, 1, args.micro_batch, 0, 0)
+    sched = Schedule(cache.shard_rows, 0, 1, args.micro_batch, 0, 0)
     kw = dict(
         tokenizer=tok,
         pad_id=tok.pad_token_id,
@@ -151,7 +151,7 @@ def main() -> int:
     presets = [p.strip() for p in args.presets.split(",") if p.strip() and p.strip() != "dwa_kd"] + ["dwa_kd"]
     cfgs = {p: ObjectiveConfig.preset(p, check_inputs=False) for p in presets}
     t = time.perf_counter()
-    plain = list(CacheBatches(cache, sched, 0, 0, kw))[: args.steps]
+    plain = list(ScheduledBatches(cache, sched, 0, 0, kw))[: args.steps]
     collate_plain = (time.perf_counter() - t) / len(plain)
     mined, collate_aligned = None, None
     if any(c.logit_enabled for c in cfgs.values()):
@@ -162,7 +162,7 @@ def main() -> int:
             mined = MinedVocab(cache.load_teacher_tokenizer(args.teacher_tokenizer), tok)
         kw["alignment"] = BatchAlignment(offsets=True, mined=mined, topk=True)
         t = time.perf_counter()
-        batches = list(CacheBatches(cache, sched, 0, 0, kw))[: args.steps]
+        batches = list(ScheduledBatches(cache, sched, 0, 0, kw))[: args.steps]
         collate_aligned = (time.perf_counter() - t) / len(batches)
     else:
         batches = plain
@@ -234,7 +234,7 @@ def main() -> int:
     t = time.perf_counter()
     got = 0
     for epoch in range(100):
-        for _ in CacheBatches(cache, sched, epoch, 0, kw):
+        for _ in ScheduledBatches(cache, sched, epoch, 0, kw):
             got += 1
             if got >= n_load:
                 break

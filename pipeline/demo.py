@@ -180,12 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     ray.shutdown()
-    s = manifest["stats"]
+    s = manifest.stats
     stages.append(
         (
             "teacher cache",
-            f"{s['rows']} rows, {s['bytes_per_position']:.0f} B/position "
-            f"(dense fp16 logits: {s['dense_fp16_logits_bytes_per_position']})",
+            f"{s.rows} rows, {s.bytes_per_position:.0f} B/position "
+            f"(dense fp16 logits: {s.dense_fp16_logits_bytes_per_position})",
             time.time() - t,
         )
     )

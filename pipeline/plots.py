@@ -53,7 +53,7 @@ def alignment_picture(
     ax.imshow(np.ma.masked_less(align, 0.02), cmap="autumn_r", aspect="auto", alpha=0.85, vmin=0, vmax=1)
     ax.set_xticks(range(len(t_labels)), [repr(s)[1:-1] for s in t_labels], rotation=90, fontsize=7)
     ax.set_yticks(range(len(s_labels)), [repr(s)[1:-1] for s in s_labels], fontsize=7)
-    ax.set_xlabel(f"teacher response tokens ({cache.manifest['teacher']['name']})")
+    ax.set_xlabel(f"teacher response tokens ({cache.manifest.teacher['name']})")
     ax.set_ylabel("student response tokens")
     ax.set_title(f"Soft-DTW expected alignment (gamma={gamma}) over 1 - cos cost", fontsize=9)
     fig.tight_layout()

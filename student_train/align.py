@@ -293,3 +293,15 @@ class BatchAlignment:
             )  # fmt: skip
             out["mined"] = np.where(idx >= 0, t_pos[np.maximum(idx, 0)] if len(t_pos) else -1, -1)
         return out
+
+
+def batch_alignment(objective, cache, student_tokenizer, teacher_tokenizer: str | None = None):
+    """The per-sample alignments ``objective`` asks the collate step for, or None; and MinED's vocabulary
+    (which needs the cache's teacher tokenizer, checked against its fingerprint), or None."""
+    topk = objective.logit_kd == "uld_topk"
+    if not (objective.needs_offsets_pairing or objective.needs_mined_alignment or topk):
+        return None, None
+    mined = None
+    if objective.needs_mined_alignment:
+        mined = MinedVocab(cache.load_teacher_tokenizer(teacher_tokenizer), student_tokenizer)
+    return BatchAlignment(offsets=objective.needs_offsets_pairing, mined=mined, topk=topk), mined

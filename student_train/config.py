@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pipeline.config import field
-from student_train.losses.objective import ObjectiveConfig
+from student_train.losses.config import ObjectiveConfig
 
 
 @dataclass

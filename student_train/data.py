@@ -144,27 +144,21 @@ def collate(
     if not with_teacher:
         return batch
     m = max(len(r.input_ids) - 1 for r in rows)
-    d = rows[0].hidden.shape[1]
     t_ids = torch.zeros((bsz, m), dtype=torch.long)
     t_labels = torch.full((bsz, m), IGNORE_INDEX, dtype=torch.long)
     t_mask = torch.zeros((bsz, m), dtype=torch.long)
-    t_hidden = torch.zeros((bsz, m, d), dtype=torch.float32)
     for i, r in enumerate(rows):
         p = len(r.input_ids) - 1
         t_ids[i, :p] = torch.from_numpy(r.input_ids[:-1].astype(np.int64))
         t_labels[i, :p] = torch.from_numpy(_labels_for(r.input_ids, r.response_start))
         t_mask[i, :p] = 1
-        t_hidden[i, :p] = r.hidden
-    batch.t_input_ids, batch.t_labels, batch.t_mask, batch.t_hidden = t_ids, t_labels, t_mask, t_hidden
+    batch.t_input_ids, batch.t_labels, batch.t_mask = t_ids, t_labels, t_mask
+    batch.t_hidden = pad_positions(rows, "hidden", m)
     batch.cut_vs_teacher = cut
     if alignment is None:
         return batch
     if alignment.topk:
-        k = rows[0].topk_logprobs.shape[1]
-        topk = torch.zeros((bsz, m, k), dtype=torch.float32)
-        for i, r in enumerate(rows):
-            topk[i, : len(r.input_ids) - 1] = torch.from_numpy(np.asarray(r.topk_logprobs, dtype=np.float32))
-        batch.t_topk_logprobs = topk
+        batch.t_topk_logprobs = pad_positions(rows, "topk_logprobs", m)
     if alignment.offsets or alignment.mined is not None:
         pos = {
             "offsets": torch.full((bsz, n), -1, dtype=torch.long),
@@ -192,6 +186,20 @@ def collate(
         if alignment.mined is not None:
             batch.mined_positions = pos["mined"]
     return batch
+
+
+def pad_positions(rows: list[CachedRow], column: str, width: int) -> torch.Tensor:
+    """Per-position column ``column`` of each row as one float32 tensor ``[B, width, ...]``, zeros past each
+    row's ``P`` positions (the pad rows that ``t_mask`` marks)."""
+    cells = [getattr(r, column) for r in rows]
+    cells = [
+        c.float() if isinstance(c, torch.Tensor) else torch.from_numpy(np.asarray(c, np.float32))
+        for c in cells
+    ]
+    out = torch.zeros((len(rows), width, *cells[0].shape[1:]), dtype=torch.float32)
+    for i, cell in enumerate(cells):
+        out[i, : len(cell)] = cell
+    return out
 
 
 def _text_end(ids: np.ndarray, offsets: np.ndarray, start: int, stop: int) -> int:
@@ -250,6 +258,7 @@ class CacheRows:
 
     def __init__(self, cache):
         self.cache = cache
+        self.shard_rows = cache.shard_rows
         self.tables: dict[int, object] = {}
 
     def get(self, pairs: list[tuple[int, int]]) -> list[CachedRow]:
@@ -261,7 +270,7 @@ class CacheRows:
                 if len(self.tables) > 4:
                     self.tables.pop(next(iter(self.tables)))
                 self.tables[s] = self.cache.open_shard(s).combine_chunks().to_batches()[0]
-            rows.append(decode_row(self.tables[s], r, self.cache.hidden_dtype))
+            rows.append(decode_row(self.tables[s], r, self.cache.layout))
         return rows
 
 
@@ -270,9 +279,28 @@ class RecordRows:
 
     def __init__(self, records: list):
         self.records = records
+        self.shard_rows = [1] * len(records)
 
     def get(self, pairs: list[tuple[int, int]]) -> list:
         return [self.records[s] for s, _ in pairs]
+
+
+def open_rows(cfg, rank: int, world: int):
+    """The run's row source and its cache: the teacher cache named by ``data.cache`` (checked against what
+    the config expects; this rank's shards checksummed when ``data.verify_checksums``), or, for SFT without
+    a cache, the records of ``data.sft_path`` (cache ``None``)."""
+    from pipeline.records import DataConfig, read_records
+    from teacher_cache.reader import CacheExpectation, open_cache
+
+    if not cfg.data.cache:
+        return RecordRows(list(read_records(DataConfig(path=cfg.data.sft_path)))), None
+    expect = CacheExpectation(
+        teacher_name=cfg.data.expect_teacher, tokenizer_sha256=cfg.data.expect_tokenizer_sha256
+    )
+    cache = open_cache(cfg.data.cache, expect=expect)
+    if cfg.data.verify_checksums:
+        cache.verify(cache.shard_indices_for(rank, world))
+    return CacheRows(cache), cache
 
 
 class ScheduledBatches(torch.utils.data.IterableDataset):

@@ -253,3 +253,33 @@ def export_student(cfg: TrainConfig, state: dict[str, torch.Tensor], tokenizer, 
     if proj:
         save_file(proj, str(out_dir / "projectors.safetensors"))
     return out_dir
+
+
+def build_distiller(cfg: TrainConfig, objective, student: nn.Module, cache, mined=None) -> Distiller:
+    """The student with what its objective needs: projectors (DSKD family), the teacher's head and bias (exact
+    teacher logits), its embedding table, MinED's vocabulary map. Cached constants only, never a teacher model."""
+    projectors = t_head = t_bias = t_emb = None
+    if objective.needs_projectors:
+        d_s = student.get_input_embeddings().weight.shape[1]
+        projectors = Projectors(d_s, cache.hidden_size, dtw_embed=objective.dtw_enabled)
+        t_emb = cache.load_embeddings().float()
+    if objective.needs_teacher_head:
+        t_head, t_bias = cache.load_head()  # the bias, when the teacher's head has one, is applied too
+        t_head, t_bias = t_head.float(), (None if t_bias is None else t_bias.float())
+    mined_map = tuple(torch.from_numpy(a) for a in mined.image()) if mined is not None else None
+    return Distiller(student, projectors, objective, t_head, t_emb, mined_map, t_bias)
+
+
+def export_trained(cfg: TrainConfig, engine, ckpt_dir: Path, step: int, tokenizer, out_dir: Path) -> Path:
+    """Export the trained student from the engine (ZeRO-0) or from the checkpoint of ``step`` (ZeRO-1/2/3:
+    fp32 weights reconstructed from every rank's partition, read under the weights-only guard of resume)."""
+    if cfg.train.zero_stage == 0:
+        state = {k: v.float().cpu() for k, v in engine.module.state_dict().items()}
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        from student_train.trainer import checkpoint_safe_globals, weights_only_loads
+
+        with weights_only_loads(checkpoint_safe_globals()):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=f"step-{step:07d}")
+    return export_student(cfg, state, tokenizer, out_dir)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from student_train.data import DistillBatch
-from student_train.losses.objective import TERM_NAMES as TERMS
+from student_train.losses.config import TERM_NAMES as TERMS
 
 
 class NonFiniteLossError(RuntimeError):
@@ -274,51 +274,77 @@ def step_digests(ids: list[str], world: int, device) -> list[str]:
     return [int(t.item()).to_bytes(8, "big", signed=True).hex() for t in gathered]
 
 
-def run_steps(
-    engine,
-    distiller,
-    make_loader,
-    cursor: Cursor,
-    *,
-    total_steps: int,
-    grad_accum: int,
-    batches_per_epoch: int,
-    seed: int,
-    max_nan_skips: int,
-    log_every: int,
-    save_every: int,
-    on_save,
-    metrics: MetricsLog | None,
-    progress: bool = True,
-) -> Cursor:
-    """The loop: for each optimizer step, take grad_accum micro-batches, normalise by the global token count."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = engine.device
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
+def make_optimizer(cfg, distiller, total_steps: int):
+    """AdamW over the trainable student parameters and (own LR) the projectors; warm-up + cosine LR."""
+    groups = [{"params": [p for p in distiller.student.parameters() if p.requires_grad], "lr": cfg.optim.lr}]
+    if distiller.projectors is not None:
+        groups.append({"params": list(distiller.projectors.parameters()), "lr": cfg.optim.projector_lr})
+    opt = torch.optim.AdamW(
+        groups,
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    lr_fn = cosine_lambda(total_steps, cfg.optim.warmup_steps, cfg.optim.lr, cfg.optim.eta_min)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, [lr_fn] * len(groups))
 
-        bar = tqdm(total=total_steps, initial=cursor.step, desc="train", dynamic_ncols=True)
-    it = iter(make_loader(cursor.epoch, cursor.batch))
-    t_last, tok_last = time.time(), 0
-    while cursor.step < total_steps:
-        micro: list[DistillBatch] = []
-        while len(micro) < grad_accum:
-            try:
-                micro.append(next(it))
-                cursor.batch += 1
-            except StopIteration:
-                cursor.epoch, cursor.batch = cursor.epoch + 1, 0
-                it = iter(make_loader(cursor.epoch, 0))
+
+@dataclass
+class StepResult:
+    """What one optimizer step saw: global sums (loss, every term, cut samples) and this rank's samples."""
+
+    sums: torch.Tensor  # [len(TERMS) + 2] float64, summed over ranks
+    tokens: int  # global label tokens of the step
+    sample_ids: list[str]
+    lr: float
+    skipped: bool
+
+
+class Trainer:
+    """Optimizer steps over ``grad_accum`` micro-batches each, normalised by the global token count.
+
+    Owns the data cursor: :meth:`micro_batches` advances ``cursor.epoch`` / ``cursor.batch`` as it hands out
+    batches, :meth:`step` advances ``cursor.step`` / ``cursor.tokens``, so a checkpoint of the cursor taken
+    between steps resumes exactly.
+    """
+
+    def __init__(self, engine, cursor: Cursor, *, grad_accum: int, seed: int, max_nan_skips: int):
+        self.engine, self.cursor = engine, cursor
+        self.grad_accum, self.seed, self.max_nan_skips = grad_accum, seed, max_nan_skips
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self._t_last, self._tok_last = time.time(), cursor.tokens
+
+    def micro_batches(self, make_loader):
+        """Lists of ``grad_accum`` micro-batches, crossing epochs (``make_loader(epoch, start_batch)``)."""
+        c = self.cursor
+        it = iter(make_loader(c.epoch, c.batch))
+        while True:
+            micro: list[DistillBatch] = []
+            while len(micro) < self.grad_accum:
+                try:
+                    micro.append(next(it))
+                    c.batch += 1
+                except StopIteration:
+                    c.epoch, c.batch = c.epoch + 1, 0
+                    it = iter(make_loader(c.epoch, 0))
+            yield micro
+
+    def step(self, micro: list[DistillBatch]) -> StepResult:
+        """Forward, backward and one optimizer update (skipped, with lr 0, when any rank saw a non-finite loss)."""
+        engine, device, c = self.engine, self.engine.device, self.cursor
         local_tokens = torch.tensor(float(sum(b.num_label_tokens for b in micro)), device=device)
         n_global = all_sum(local_tokens).item()
-        scale = grad_accum * world / max(n_global, 1.0)  # undo DeepSpeed's 1/GA and 1/world averaging
+        scale = (
+            self.grad_accum * self.world / max(n_global, 1.0)
+        )  # undo DeepSpeed's 1/GA and 1/world averaging
         sums = torch.zeros(len(TERMS) + 2, device=device, dtype=torch.float64)  # loss, terms, cut samples
-        window_bad = False
-        ids = []
+        window_bad, ids = False, []
         lr_used = engine.optimizer.param_groups[0]["lr"]
         for j, b in enumerate(micro):
-            torch.manual_seed(seed + 1_000_003 * cursor.step + 1009 * j + rank)  # dropout: exact on resume
+            torch.manual_seed(
+                self.seed + 1_000_003 * c.step + 1009 * j + self.rank
+            )  # dropout: exact on resume
             b = b.to(device)
             out = engine(b)
             bad = torch.tensor(float(not torch.isfinite(out.total).item()), device=device)
@@ -345,46 +371,38 @@ def run_steps(
             else:
                 engine.step()
         if window_bad:
-            cursor.nan_skips += 1
-            if rank == 0:
+            c.nan_skips += 1
+            if self.rank == 0:
                 print(
-                    f"[train] step {cursor.step}: non-finite loss, step skipped ({cursor.nan_skips}/{max_nan_skips})",
+                    f"[train] step {c.step}: non-finite loss, step skipped ({c.nan_skips}/{self.max_nan_skips})",
                     flush=True,
                 )
-            if cursor.nan_skips > max_nan_skips:
+            if c.nan_skips > self.max_nan_skips:
                 raise NonFiniteLossError(
-                    f"{cursor.nan_skips} steps had a non-finite loss (limit train.max_nan_skips={max_nan_skips}); "
+                    f"{c.nan_skips} steps had a non-finite loss (limit train.max_nan_skips={self.max_nan_skips}); "
                     "lower the learning rate, check the data, or use precision=fp32. The last good checkpoint is intact."
                 )
-        cursor.step += 1
-        cursor.tokens += int(n_global)
-        sums = all_sum(sums)
-        logging_step = cursor.step % log_every == 0 or cursor.step == total_steps
-        samples = step_digests(ids, world, device) if logging_step else None  # a collective: every rank
-        if metrics is not None and logging_step:
-            now = time.time()
-            rec = {
-                "step": cursor.step,
-                "epoch": cursor.epoch,
-                "loss": float(sums[0] / max(n_global, 1)),
-                **{f"term/{t}": float(sums[k + 1] / max(n_global, 1)) for k, t in enumerate(TERMS)},
-                "tokens": int(n_global),
-                "tokens_per_s": (cursor.tokens - tok_last) / max(now - t_last, 1e-9),
-                "lr": lr_used,
-                "skipped": bool(window_bad),
-                "nan_skips": cursor.nan_skips,
-                "first_sample": ids[0] if ids else None,
-                "cut_vs_teacher": int(sums[-1]),
-                "samples": samples,
-            }
-            metrics.log(rec)
-            t_last, tok_last = now, cursor.tokens
-            if bar is not None:
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        if bar is not None:
-            bar.update(1)
-        if save_every and cursor.step % save_every == 0 and cursor.step < total_steps:
-            on_save(cursor)
-    if bar is not None:
-        bar.close()
-    return cursor
+        c.step += 1
+        c.tokens += int(n_global)
+        return StepResult(all_sum(sums), int(n_global), ids, lr_used, window_bad)
+
+    def record(self, res: StepResult) -> dict:
+        """The metrics line of a step. A collective (the per-rank sample digests): every rank calls it."""
+        samples = step_digests(res.sample_ids, self.world, self.engine.device)
+        now, n = time.time(), max(res.tokens, 1)
+        rec = {
+            "step": self.cursor.step,
+            "epoch": self.cursor.epoch,
+            "loss": float(res.sums[0] / n),
+            **{f"term/{t}": float(res.sums[k + 1] / n) for k, t in enumerate(TERMS)},
+            "tokens": res.tokens,
+            "tokens_per_s": (self.cursor.tokens - self._tok_last) / max(now - self._t_last, 1e-9),
+            "lr": res.lr,
+            "skipped": res.skipped,
+            "nan_skips": self.cursor.nan_skips,
+            "first_sample": res.sample_ids[0] if res.sample_ids else None,
+            "cut_vs_teacher": int(res.sums[-1]),
+            "samples": samples,
+        }
+        self._t_last, self._tok_last = now, self.cursor.tokens
+        return rec

@@ -1,13 +1,15 @@
-"""Cache format v1: Arrow schema, hidden-state codecs, row building and decoding.
+"""Cache format v1: the column table, the Arrow schema derived from it, hidden-state codecs, rows in and out.
 
-The full contract is documented in docs/CACHE_FORMAT.md; this module is its single implementation.
-Per-position arrays have ``P = L - 1`` rows: position ``t`` holds the teacher's state after reading
-``input_ids[0..t]``, i.e. the state that predicts ``input_ids[t + 1]``.
+The full contract is documented in docs/CACHE_FORMAT.md; this module is its single implementation. Every
+column of a shard is one row of :data:`COLUMNS`; the schema, the shard writer (:func:`build_table`), the
+reader (:func:`decode_row`) and the Ray stages all read that table, so adding a column is one table row plus
+the code that computes it. Per-position arrays have ``P = L - 1`` rows: position ``t`` holds the teacher's
+state after reading ``input_ids[0..t]``, i.e. the state that predicts ``input_ids[t + 1]``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import numpy as np
@@ -26,8 +28,8 @@ TEACHER_INFO = "teacher_info.json"  # job-time sidecar: the teacher description,
 
 HiddenDType = Literal["float32", "bfloat16", "float16", "int8"]
 HIDDEN_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "int8")
-# Arrow storage type of one hidden value; bfloat16 is stored as its raw 16 bits (Arrow has no bf16).
-_STORAGE = {"float32": pa.float32(), "bfloat16": pa.uint16(), "float16": pa.float16(), "int8": pa.int8()}
+# numpy storage dtype of one hidden value; bfloat16 is stored as its raw 16 bits (Arrow has no bf16)
+HIDDEN_STORAGE = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16, "int8": np.int8}
 BYTES_PER_VALUE = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 
 
@@ -36,32 +38,95 @@ def shard_name(index: int) -> str:
     return f"{SHARD_DIR}/part-{index:05d}.arrow"
 
 
-def schema(hidden_size: int, top_k: int, hidden_dtype: str) -> pa.Schema:
-    """The Arrow schema of one shard for the given settings (see docs/CACHE_FORMAT.md)."""
-    if hidden_dtype not in HIDDEN_DTYPES:
-        raise ValueError(f"hidden dtype must be one of {HIDDEN_DTYPES}, got {hidden_dtype!r}")
-    fields = [
-        pa.field("sample_id", pa.string(), nullable=False),
-        pa.field("source_index", pa.int64(), nullable=False),
-        pa.field("prompt", pa.large_string(), nullable=False),
-        pa.field("response", pa.large_string(), nullable=False),
-        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
-        pa.field("offsets", pa.list_(pa.list_(pa.int32(), 2)), nullable=False),
-        pa.field("response_start", pa.int32(), nullable=False),
-        pa.field("hidden", pa.large_list(pa.list_(_STORAGE[hidden_dtype], hidden_size)), nullable=False),
-        pa.field("topk_ids", pa.list_(pa.list_(pa.int32(), top_k)), nullable=False),
-        pa.field("topk_logprobs", pa.list_(pa.list_(pa.float32(), top_k)), nullable=False),
-        pa.field("logsumexp", pa.list_(pa.float32()), nullable=False),
-        pa.field("entropy", pa.list_(pa.float32()), nullable=False),
-    ]
-    if hidden_dtype == "int8":
-        fields.append(pa.field("hidden_scale", pa.list_(pa.float32()), nullable=False))
+@dataclass(frozen=True)
+class Layout:
+    """The settings every column's type is derived from (one per cache, recorded in its manifest)."""
+
+    hidden_size: int
+    top_k: int
+    hidden_dtype: str
+
+    def __post_init__(self):
+        if self.hidden_dtype not in HIDDEN_DTYPES:
+            raise ValueError(f"hidden dtype must be one of {HIDDEN_DTYPES}, got {self.hidden_dtype!r}")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a shard.
+
+    Attributes:
+        name: the Arrow column name, also the key of a row dict and the attribute of :class:`CachedRow`.
+        per: ``"row"`` (one value per sample), ``"token"`` (``[L, ...]``) or ``"position"`` (``[P, ...]``).
+        dtype: numpy dtype of the stored values, ``"str"`` for text, or ``"hidden"`` for the layout's hidden
+            storage dtype (such a column gets a companion ``<name>_scale`` column when it is int8).
+        width: the inner width of a 2-D array: an int or a :class:`Layout` attribute; ``None`` for 1-D.
+        large: 64-bit offsets (``large_string``/``large_list``): hidden states pass 2**31 values per shard.
+    """
+
+    name: str
+    per: Literal["row", "token", "position"]
+    dtype: str
+    width: int | str | None = None
+    large: bool = False
+    doc: str = ""
+
+    def inner_width(self, layout: Layout) -> int | None:
+        return getattr(layout, self.width) if isinstance(self.width, str) else self.width
+
+    def numpy_dtype(self, layout: Layout):
+        return HIDDEN_STORAGE[layout.hidden_dtype] if self.dtype == "hidden" else np.dtype(self.dtype)
+
+    def arrow_type(self, layout: Layout) -> pa.DataType:
+        if self.dtype == "str":
+            return pa.large_string() if self.large else pa.string()
+        value = pa.from_numpy_dtype(self.numpy_dtype(layout))
+        if self.per == "row":
+            return value
+        width = self.inner_width(layout)
+        if width is not None:
+            value = pa.list_(value, width)
+        return pa.large_list(value) if self.large else pa.list_(value)
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("sample_id", "row", "str", doc="sha256 (32 hex) of the canonical JSON [prompt, response]"),
+    Column("source_index", "row", "int64", doc="position of the record in the normalised source"),
+    Column("prompt", "row", "str", large=True, doc="prompt text, template applied, before truncation"),
+    Column("response", "row", "str", large=True, doc="response text, before truncation"),
+    Column("input_ids", "token", "int32", doc="teacher token ids: prompt, response, EOS (truncated)"),
+    Column("offsets", "token", "int32", 2, doc="character span of each token in prompt + response"),
+    Column("response_start", "row", "int32", doc="index of the first response token in input_ids"),
+    Column(
+        "hidden", "position", "hidden", "hidden_size", large=True, doc="final hidden states (after the norm)"
+    ),
+    Column("topk_ids", "position", "int32", "top_k", doc="top-k next-token ids, descending"),
+    Column("topk_logprobs", "position", "float32", "top_k", doc="their log-probabilities"),
+    Column("logsumexp", "position", "float32", doc="log-partition of the full logits"),
+    Column("entropy", "position", "float32", doc="entropy (nats) of the full next-token distribution"),
+)
+
+
+def columns(layout: Layout) -> list[Column]:
+    """The columns of a shard with this layout, in schema order (int8 hidden columns bring their scales)."""
+    out = []
+    for c in COLUMNS:
+        out.append(c)
+        if c.dtype == "hidden" and layout.hidden_dtype == "int8":
+            out.append(Column(f"{c.name}_scale", c.per, "float32", doc=f"per-token scale of {c.name}"))
+    return out
+
+
+def schema(layout: Layout) -> pa.Schema:
+    """The Arrow schema of one shard for the given layout (see docs/CACHE_FORMAT.md)."""
     meta = {
         b"format": FORMAT_NAME.encode(),
         b"schema_version": str(SCHEMA_VERSION).encode(),
-        b"hidden_dtype": hidden_dtype.encode(),
+        b"hidden_dtype": layout.hidden_dtype.encode(),
     }
-    return pa.schema(fields, metadata=meta)
+    return pa.schema(
+        [pa.field(c.name, c.arrow_type(layout), nullable=False) for c in columns(layout)], metadata=meta
+    )
 
 
 def encode_hidden(h: torch.Tensor, hidden_dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -95,7 +160,7 @@ def decode_hidden(values: np.ndarray, scale: np.ndarray | None, hidden_dtype: st
         return torch.from_numpy(raw).view(torch.bfloat16).float()
     if hidden_dtype == "int8":
         if scale is None:
-            raise ValueError("int8 hidden states need their per-token scale column 'hidden_scale'")
+            raise ValueError("int8 hidden states need their per-token scale column")
         return (
             torch.from_numpy(np.array(values, copy=True)).float()
             * torch.from_numpy(np.array(scale, copy=True))[:, None]
@@ -103,11 +168,21 @@ def decode_hidden(values: np.ndarray, scale: np.ndarray | None, hidden_dtype: st
     raise ValueError(f"unknown hidden dtype {hidden_dtype!r}")
 
 
+def encode_positions(name: str, values: torch.Tensor, layout: Layout) -> dict[str, np.ndarray]:
+    """The stored array(s) of per-position column ``name`` from a ``[P, ...]`` tensor (a hidden column
+    becomes its values and, for int8, its ``<name>_scale``)."""
+    col = next(c for c in COLUMNS if c.name == name)
+    if col.dtype == "hidden":
+        stored, scale = encode_hidden(values, layout.hidden_dtype)
+        return {name: stored} if scale is None else {name: stored, f"{name}_scale": scale}
+    return {name: values.detach().cpu().numpy().astype(col.numpy_dtype(layout), copy=False)}
+
+
 @dataclass
 class CachedRow:
     """One decoded cache row (teacher side of one sample); shapes with ``L`` tokens, ``P = L - 1``.
 
-    Attributes:
+    One attribute per column of :data:`COLUMNS` (the int8 scales are consumed by decoding):
         sample_id: stable content hash of (prompt, response).
         source_index: position of the record in the normalised source.
         prompt, response: the texts the teacher saw (before token truncation).
@@ -133,78 +208,66 @@ class CachedRow:
     entropy: np.ndarray
 
 
-def _list_array(
-    flat: np.ndarray, lengths: list[int], inner: int | None, storage: pa.DataType, large: bool = False
-):
-    values = pa.array(flat.reshape(-1), type=storage)
-    if inner is not None:
-        values = pa.FixedSizeListArray.from_arrays(values, inner)
-    offs = np.zeros(len(lengths) + 1, dtype=np.int64 if large else np.int32)
-    np.cumsum(lengths, out=offs[1:])
-    cls = pa.LargeListArray if large else pa.ListArray
+assert {f.name for f in fields(CachedRow)} == {c.name for c in COLUMNS}, "CachedRow must mirror COLUMNS"
+
+
+def _list_array(col: Column, layout: Layout, arrays: list[np.ndarray]) -> pa.Array:
+    flat = np.concatenate(arrays) if arrays else np.zeros((0,), col.numpy_dtype(layout))
+    values = pa.array(flat.reshape(-1), type=pa.from_numpy_dtype(col.numpy_dtype(layout)))
+    width = col.inner_width(layout)
+    if width is not None:
+        values = pa.FixedSizeListArray.from_arrays(values, width)
+    offs = np.zeros(len(arrays) + 1, dtype=np.int64 if col.large else np.int32)
+    np.cumsum([len(a) for a in arrays], out=offs[1:])
+    cls = pa.LargeListArray if col.large else pa.ListArray
     return cls.from_arrays(pa.array(offs), values)
 
 
-def build_table(rows: list[dict], hidden_size: int, top_k: int, hidden_dtype: str) -> pa.Table:
-    """Assemble rows (dicts of numpy arrays, see :func:`encode_hidden`) into one Arrow table of the v1 schema."""
-    sch = schema(hidden_size, top_k, hidden_dtype)
-    n_tok = [len(r["input_ids"]) for r in rows]
-    n_pos = [len(r["logsumexp"]) for r in rows]
-    for r, lt, lp in zip(rows, n_tok, n_pos):
-        if lp != lt - 1 or r["hidden"].shape != (lp, hidden_size):
-            raise ValueError(
-                f"row {r['sample_id']}: expected {lt - 1} positions of width {hidden_size}, "
-                f"found hidden {r['hidden'].shape} and {lp} logsumexp values"
-            )
-    cat = np.concatenate
-    cols = {
-        "sample_id": pa.array([r["sample_id"] for r in rows], type=pa.string()),
-        "source_index": pa.array([int(r["source_index"]) for r in rows], type=pa.int64()),
-        "prompt": pa.array([r["prompt"] for r in rows], type=pa.large_string()),
-        "response": pa.array([r["response"] for r in rows], type=pa.large_string()),
-        "input_ids": _list_array(cat([r["input_ids"] for r in rows]), n_tok, None, pa.int32()),
-        "offsets": _list_array(cat([r["offsets"] for r in rows]), n_tok, 2, pa.int32()),
-        "response_start": pa.array([int(r["response_start"]) for r in rows], type=pa.int32()),
-        "hidden": _list_array(
-            cat([r["hidden"] for r in rows]), n_pos, hidden_size, _STORAGE[hidden_dtype], large=True
-        ),
-        "topk_ids": _list_array(cat([r["topk_ids"] for r in rows]), n_pos, top_k, pa.int32()),
-        "topk_logprobs": _list_array(cat([r["topk_logprobs"] for r in rows]), n_pos, top_k, pa.float32()),
-        "logsumexp": _list_array(cat([r["logsumexp"] for r in rows]), n_pos, None, pa.float32()),
-        "entropy": _list_array(cat([r["entropy"] for r in rows]), n_pos, None, pa.float32()),
-    }
-    if hidden_dtype == "int8":
-        cols["hidden_scale"] = _list_array(cat([r["hidden_scale"] for r in rows]), n_pos, None, pa.float32())
-    return pa.Table.from_arrays([cols[f.name] for f in sch], schema=sch)
+def build_table(rows: list[dict], layout: Layout) -> pa.Table:
+    """Assemble rows (dicts: column name -> value; arrays in their stored dtype) into one Arrow table.
+
+    Every array's length (``L`` per token, ``P = L - 1`` per position) and inner width are checked.
+    """
+    sch = schema(layout)
+    cols = []
+    for col in columns(layout):
+        if col.per == "row":
+            cols.append(pa.array([r[col.name] for r in rows], type=col.arrow_type(layout)))
+            continue
+        width, want_dtype = col.inner_width(layout), col.numpy_dtype(layout)
+        arrays = []
+        for r in rows:
+            n = len(r["input_ids"]) - (col.per == "position")
+            a = np.asarray(r[col.name])
+            shape = (n,) if width is None else (n, width)
+            if a.shape != shape:
+                raise ValueError(
+                    f"row {r['sample_id']}: column {col.name} has shape {a.shape}, expected {shape} "
+                    f"({col.per} array of a {len(r['input_ids'])}-token row)"
+                )
+            arrays.append(a.astype(want_dtype, copy=False))
+        cols.append(_list_array(col, layout, arrays))
+    return pa.Table.from_arrays(cols, schema=sch)
 
 
-def _rows_2d(col: pa.ChunkedArray | pa.Array, i: int, width: int) -> np.ndarray:
-    """Zero-copy view of row ``i`` of a list<fixed_size_list<width>> column as ``[n, width]``."""
-    scalar = col[i]
-    inner = scalar.values  # FixedSizeListArray
-    flat = inner.flatten() if len(inner) else pa.array([], type=inner.type.value_type)
+def _cell(column: pa.Array | pa.ChunkedArray, col: Column, layout: Layout, i: int):
+    """Row ``i`` of one column: a Python value, or a zero-copy numpy view ``[n]`` / ``[n, width]``."""
+    if col.per == "row":
+        return column[i].as_py()
+    values = column[i].values
+    width = col.inner_width(layout)
+    if width is None:
+        return values.to_numpy(zero_copy_only=False)
+    flat = values.flatten() if len(values) else pa.array([], type=values.type.value_type)
     return flat.to_numpy(zero_copy_only=False).reshape(-1, width)
 
 
-def decode_row(batch: pa.RecordBatch, i: int, hidden_dtype: str) -> CachedRow:
+def decode_row(batch: pa.RecordBatch, i: int, layout: Layout) -> CachedRow:
     """Decode row ``i`` of a shard record batch into a :class:`CachedRow` (hidden states as float32)."""
-    d = batch.schema.field("hidden").type.value_type.list_size
-    k = batch.schema.field("topk_ids").type.value_type.list_size
-    col = batch.column
-    scale = None
-    if hidden_dtype == "int8":
-        scale = col("hidden_scale")[i].values.to_numpy(zero_copy_only=False)
-    return CachedRow(
-        sample_id=col("sample_id")[i].as_py(),
-        source_index=col("source_index")[i].as_py(),
-        prompt=col("prompt")[i].as_py(),
-        response=col("response")[i].as_py(),
-        input_ids=col("input_ids")[i].values.to_numpy(zero_copy_only=False),
-        offsets=_rows_2d(col("offsets"), i, 2),
-        response_start=col("response_start")[i].as_py(),
-        hidden=decode_hidden(_rows_2d(col("hidden"), i, d), scale, hidden_dtype),
-        topk_ids=_rows_2d(col("topk_ids"), i, k),
-        topk_logprobs=_rows_2d(col("topk_logprobs"), i, k),
-        logsumexp=col("logsumexp")[i].values.to_numpy(zero_copy_only=False),
-        entropy=col("entropy")[i].values.to_numpy(zero_copy_only=False),
-    )
+    raw = {c.name: _cell(batch.column(c.name), c, layout, i) for c in columns(layout)}
+    for col in COLUMNS:
+        if col.dtype == "hidden":
+            raw[col.name] = decode_hidden(
+                raw[col.name], raw.pop(f"{col.name}_scale", None), layout.hidden_dtype
+            )
+    return CachedRow(**raw)

@@ -22,28 +22,22 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import config_hash, describe, field, load_config
 from pipeline.records import DataConfig, ReadStats, Record, read_records, records_fingerprint
 from teacher_cache import storage
-from teacher_cache.format import (
-    BYTES_PER_VALUE,
-    EMBED_FILE,
-    FORMAT_NAME,
-    HEAD_FILE,
-    HIDDEN_DTYPES,
-    JOB_STATE,
-    MANIFEST,
-    SCHEMA_VERSION,
-    SHARD_DIR,
-    TEACHER_INFO,
-    TOKENIZER_DIR,
-)
+from teacher_cache.format import HIDDEN_DTYPES, JOB_STATE, MANIFEST, SCHEMA_VERSION, SHARD_DIR, TEACHER_INFO
+from teacher_cache.manifest import CacheError, Manifest, Settings, build_manifest, parse_manifest
 from teacher_cache.teacher import TeacherConfig
-from teacher_cache.writer import finished_shard, write_manifest, write_shard
+from teacher_cache.writer import (
+    damaged_parts,
+    describe_loaded,
+    finished_shard,
+    write_manifest,
+    write_tokenizer,
+)
 
 
 @dataclass
@@ -131,15 +125,15 @@ class Tokenize:
         ids, offs, starts, tp, tt = [], [], [], [], []
         for prompt, response in zip(batch["prompt"], batch["response"]):
             t = tokenize_pair(self.tok, str(prompt), str(response), eos_id=self.eos, **self.kw)
-            ids.append(t.input_ids.tobytes())
-            offs.append(t.offsets.tobytes())
+            ids.append(t.input_ids)
+            offs.append(t.offsets)
             starts.append(t.response_start)
             tp.append(t.truncated_prompt)
             tt.append(t.truncated_total)
         out = dict(batch)
         out.update(
-            input_ids=np.array(ids, dtype=object),
-            offsets=np.array(offs, dtype=object),
+            input_ids=_ragged(ids),
+            offsets=_ragged(offs),
             response_start=np.array(starts, dtype=np.int32),
             truncated_prompt=np.array(tp),
             truncated_total=np.array(tt),
@@ -148,7 +142,7 @@ class Tokenize:
 
 
 class TeacherForward:
-    """Stage 2: one teacher copy per actor; hidden states and head statistics for a padded batch."""
+    """Stage 2: one teacher copy per actor; every per-position column of the layout for a padded batch."""
 
     def __init__(
         self,
@@ -162,206 +156,97 @@ class TeacherForward:
     ):
         import torch
 
+        from teacher_cache.format import Layout
         from teacher_cache.teacher import load_teacher
+        from teacher_cache.writer import describe_loaded
 
         torch.set_num_threads(max(1, threads))
         model = load_teacher(teacher)
         # the teacher is described (probe check, head/embedding files, fingerprint) by the copy that
         # serves the forward, so the job loads it once, not twice
-        describe_loaded(model, teacher, uri, probe_ids)
+        facts = describe_loaded(model, teacher, uri, probe_ids)
+        self.layout = Layout(facts["hidden_size"], top_k, hidden_dtype)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = model.to(self.device)
-        self.pad = 0
-        self.top_k, self.hidden_dtype, self.head_chunk = top_k, hidden_dtype, head_chunk
+        self.head_chunk = head_chunk
 
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        from teacher_cache.format import encode_hidden
+        from teacher_cache.format import columns, encode_positions
         from teacher_cache.teacher import teacher_forward
 
-        seqs = [np.frombuffer(b, dtype=np.int32) for b in batch["input_ids"]]
+        seqs = list(batch["input_ids"])
         pos = [len(s) - 1 for s in seqs]
-        width = max(pos)
-        x = torch.full((len(seqs), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        x = torch.zeros((len(seqs), max(pos)), dtype=torch.long)
+        mask = torch.zeros_like(x)
         for i, s in enumerate(seqs):
-            x[i, : pos[i]] = torch.from_numpy(s[:-1].astype(np.int64))
+            x[i, : pos[i]] = torch.from_numpy(np.asarray(s[:-1], dtype=np.int64))
             mask[i, : pos[i]] = 1
         out = teacher_forward(
-            self.model, x.to(self.device), mask.to(self.device), self.top_k, self.head_chunk
+            self.model, x.to(self.device), mask.to(self.device), self.layout.top_k, self.head_chunk
         )
-        cols: dict[str, list] = {
-            k: [] for k in ("hidden", "hidden_scale", "topk_ids", "topk_logprobs", "logsumexp", "entropy")
-        }
-        for i, p in enumerate(pos):
-            values, scale = encode_hidden(out.hidden[i, :p], self.hidden_dtype)
-            cols["hidden"].append(values.tobytes())
-            cols["hidden_scale"].append(b"" if scale is None else scale.tobytes())
-            cols["topk_ids"].append(out.topk_ids[i, :p].to(torch.int32).cpu().numpy().tobytes())
-            cols["topk_logprobs"].append(out.topk_logprobs[i, :p].float().cpu().numpy().tobytes())
-            cols["logsumexp"].append(out.logsumexp[i, :p].float().cpu().numpy().tobytes())
-            cols["entropy"].append(out.entropy[i, :p].float().cpu().numpy().tobytes())
+        cols: dict[str, list] = {}
+        for c in columns(self.layout):
+            if c.per == "position" and hasattr(out, c.name):
+                for i, p in enumerate(pos):
+                    for name, arr in encode_positions(
+                        c.name, getattr(out, c.name)[i, :p], self.layout
+                    ).items():
+                        cols.setdefault(name, []).append(arr)
         res = dict(batch)
-        res.update({k: np.array(v, dtype=object) for k, v in cols.items()})
+        res.update({k: _ragged(v) for k, v in cols.items()})
         return res
+
+
+def _ragged(arrays: list) -> np.ndarray:
+    """A column of per-row arrays of different lengths as Ray Data carries it (an object array)."""
+    out = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        out[i] = a
+    return out
+
+
+def _plain(value):
+    """A numpy scalar as its Python value (arrays unchanged)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 class ShardWriter:
     """Stage 3: collects rows per shard and writes each shard as soon as all its rows have arrived."""
 
-    _STORED = {
-        "hidden": None,
-        "topk_ids": np.int32,
-        "topk_logprobs": np.float32,
-        "logsumexp": np.float32,
-        "entropy": np.float32,
-    }
-
-    def __init__(
-        self,
-        uri: str,
-        shard_rows: dict[int, int],
-        top_k: int,
-        hidden_dtype: str,
-        job_fp: str,
-    ):
+    def __init__(self, uri: str, shard_rows: dict[int, int], top_k: int, hidden_dtype: str, job_fp: str):
         self.uri, self.expected = uri, {int(k): v for k, v in shard_rows.items()}
         # the hidden width is learnt from the first row: the teacher is only described inside its actors
-        self.d, self.k, self.hdt, self.fp = None, top_k, hidden_dtype, job_fp
+        self.top_k, self.hidden_dtype, self.fp = top_k, hidden_dtype, job_fp
         self.pending: dict[int, list[dict]] = {}
-        self.hidden_np = {
-            "float32": np.float32,
-            "bfloat16": np.uint16,
-            "float16": np.float16,
-            "int8": np.int8,
-        }[hidden_dtype]
-
-    def _hidden(self, blob: bytes, positions: int) -> np.ndarray:
-        values = np.frombuffer(blob, dtype=self.hidden_np)
-        if self.d is None:
-            self.d = values.size // max(1, positions)
-        if values.size != positions * self.d:
-            raise ValueError(
-                f"teacher hidden states of {values.size} values for {positions} positions: expected "
-                f"{positions} x {self.d}; the forward actors disagree on the hidden size"
-            )
-        return values.reshape(positions, self.d)
-
-    def _row(self, batch: dict, i: int) -> dict:
-        ids = np.frombuffer(batch["input_ids"][i], dtype=np.int32)
-        p = len(ids) - 1
-        row = {
-            "sample_id": str(batch["sample_id"][i]),
-            "source_index": int(batch["source_index"][i]),
-            "prompt": str(batch["prompt"][i]),
-            "response": str(batch["response"][i]),
-            "input_ids": ids,
-            "offsets": np.frombuffer(batch["offsets"][i], dtype=np.int32).reshape(-1, 2),
-            "response_start": int(batch["response_start"][i]),
-            "truncated_prompt": bool(batch["truncated_prompt"][i]),
-            "truncated_total": bool(batch["truncated_total"][i]),
-            "hidden": self._hidden(batch["hidden"][i], p),
-            "topk_ids": np.frombuffer(batch["topk_ids"][i], dtype=np.int32).reshape(p, self.k),
-            "topk_logprobs": np.frombuffer(batch["topk_logprobs"][i], dtype=np.float32).reshape(p, self.k),
-            "logsumexp": np.frombuffer(batch["logsumexp"][i], dtype=np.float32),
-            "entropy": np.frombuffer(batch["entropy"][i], dtype=np.float32),
-        }
-        if self.hdt == "int8":
-            row["hidden_scale"] = np.frombuffer(batch["hidden_scale"][i], dtype=np.float32)
-        return row
 
     def __call__(self, batch: dict) -> dict:
+        from teacher_cache.format import Layout, columns
+        from teacher_cache.writer import write_shard
+
         done = []
         for i in range(len(batch["sample_id"])):
+            layout = Layout(int(batch["hidden"][i].shape[1]), self.top_k, self.hidden_dtype)
+            row = {c.name: _plain(batch[c.name][i]) for c in columns(layout)}
+            row.update(
+                truncated_prompt=bool(batch["truncated_prompt"][i]),
+                truncated_total=bool(batch["truncated_total"][i]),
+            )
             shard = int(batch["shard"][i])
-            self.pending.setdefault(shard, []).append(self._row(batch, i))
+            self.pending.setdefault(shard, []).append(row)
             if len(self.pending[shard]) == self.expected[shard]:
-                entry = write_shard(
-                    self.uri,
-                    shard,
-                    self.pending.pop(shard),
-                    hidden_size=self.d,
-                    top_k=self.k,
-                    hidden_dtype=self.hdt,
-                    job_fingerprint=self.fp,
-                )
+                entry = write_shard(self.uri, shard, self.pending.pop(shard), layout, job_fingerprint=self.fp)
                 done.append(json.dumps(entry))
         return {"entry": np.array(done, dtype=object)}
 
 
 # --------------------------------------------------------------------------- driver
-def describe_loaded(model, teacher: TeacherConfig, uri: str, probe_ids: list[list[int]]) -> dict:
-    """Check hidden x head reproduces the teacher's logits, write head and embeddings, describe the teacher.
-
-    The description goes to ``TEACHER_INFO`` in the cache root (the driver copies it into the manifest).
-    If a partial cache already holds one, the weights must be the same: a resumed job never mixes teachers.
-    Idempotent: several forward actors may run it; their writes are atomic and identical.
-    """
-    import hashlib
-
-    import torch
-    from safetensors.torch import save
-
-    from teacher_cache.teacher import check_head_reproduces_logits, teacher_facts
-
-    fs, root, _ = storage.resolve(uri)
-    width = max(len(p) for p in probe_ids)
-    x = torch.zeros((len(probe_ids), width), dtype=torch.long)
-    m = torch.zeros_like(x)
-    for i, p in enumerate(probe_ids):
-        x[i, : len(p)] = torch.tensor(p)
-        m[i, : len(p)] = 1
-    err = check_head_reproduces_logits(model, x, m)
-    facts = teacher_facts(teacher, model)
-    info_path = storage.join(root, TEACHER_INFO)
-    if storage.exists(fs, info_path):
-        before = storage.read_json(fs, info_path)
-        if before.get("weights_fingerprint") != facts["weights_fingerprint"]:
-            raise ValueError(
-                f"{uri}: the teacher weights changed since this partial cache was started (fingerprint "
-                f"{str(before.get('weights_fingerprint'))[:12]} then, {facts['weights_fingerprint'][:12]} now); "
-                "delete the directory and rerun, or restore the original teacher"
-            )
-    facts["head_check_max_abs_err"] = err
-    head = model.get_output_embeddings()
-    tensors = {"weight": head.weight.detach().contiguous().cpu()}
-    if getattr(head, "bias", None) is not None:
-        tensors["bias"] = head.bias.detach().contiguous().cpu()
-    files = {}
-    for name, tdict in (
-        (HEAD_FILE, tensors),
-        (EMBED_FILE, {"weight": model.get_input_embeddings().weight.detach().contiguous().cpu()}),
-    ):
-        blob = save(tdict)
-        storage.atomic_write(fs, storage.join(root, name), blob)
-        files[name] = {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
-    facts["files"] = files
-    storage.write_json(fs, info_path, facts)
-    return facts
-
-
 def _describe_teacher(teacher: TeacherConfig, uri: str, probe_ids: list[list[int]]) -> dict:
     """Load the teacher and describe it (used when no forward actor runs: every shard already exists)."""
     from teacher_cache.teacher import load_teacher
 
     return describe_loaded(load_teacher(teacher), teacher, uri, probe_ids)
-
-
-def damaged_parts(uri: str, manifest: dict, verify: bool = True) -> list[str]:
-    """What of a finished cache no longer matches its manifest: missing, resized or (``verify``) changed files."""
-    fs, root, _ = storage.resolve(uri)
-    entries = [(e["file"], e) for e in manifest.get("shards", [])] + list(manifest.get("files", {}).items())
-    out = []
-    for name, entry in entries:
-        path = storage.join(root, name)
-        if not storage.exists(fs, path):
-            out.append(f"{name} missing")
-        elif storage.size(fs, path) != entry.get("bytes"):
-            out.append(f"{name} has {storage.size(fs, path)} bytes, not {entry.get('bytes')}")
-        elif verify and storage.sha256_file(fs, path) != entry.get("sha256"):
-            out.append(f"{name} checksum differs")
-    return out
 
 
 def _shard_plan(n: int, rows_per_shard: int) -> list[tuple[int, int]]:
@@ -435,7 +320,7 @@ def check_resources(ray, cfg: RayConfig) -> None:
         time.sleep(min(5.0, max(0.1, deadline - time.time())))
 
 
-def run(cfg: CacheJobConfig, *, progress: bool = True) -> dict:
+def run(cfg: CacheJobConfig, *, progress: bool = True) -> Manifest:
     """Build (or complete) the cache described by ``cfg``; returns the manifest."""
     from pipeline.tokenize import eos_id_of
     from teacher_cache.teacher import load_tokenizer, tokenizer_fingerprint
@@ -457,24 +342,29 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> dict:
 
     mpath = storage.join(root, MANIFEST)
     if storage.exists(fs, mpath):
-        manifest = storage.read_json(fs, mpath)
-        if manifest.get("job_fingerprint") == fp:
-            damaged = damaged_parts(uri, manifest, verify=cfg.cache.verify_existing)
-            if not damaged:
-                print(
-                    f"[teacher_cache] {uri} is complete for this config ({manifest['stats']['rows']} rows, every "
-                    f"file {'verified' if cfg.cache.verify_existing else 'present with its size'}); nothing to do"
-                )
-                return manifest
-            # the same path as a resume: intact shards are kept, the damaged ones rebuilt, the manifest rewritten
-            print(
-                f"[teacher_cache] {uri} is finished but damaged ({'; '.join(damaged)}): rebuilding those parts"
-            )
-        else:
+        try:
+            raw = storage.read_json(fs, mpath)
+        except ValueError:
+            raw = {}
+        found = raw.get("job_fingerprint") if isinstance(raw, dict) else None
+        if found is not None and found != fp:
             raise ValueError(
                 f"{uri} already holds a finished cache built from a different config (fingerprint "
-                f"{manifest.get('job_fingerprint', '?')[:12]} vs {fp[:12]}); choose another cache.output or delete it"
+                f"{str(found)[:12]} vs {fp[:12]}); choose another cache.output or delete it"
             )
+        try:
+            manifest = parse_manifest(raw, uri)
+            damaged = damaged_parts(uri, manifest, verify=cfg.cache.verify_existing)
+        except CacheError as e:
+            damaged = [f"its manifest is unreadable: {e}"]
+        if not damaged:
+            print(
+                f"[teacher_cache] {uri} is complete for this config ({manifest.stats.rows} rows, every "
+                f"file {'verified' if cfg.cache.verify_existing else 'present with its size'}); nothing to do"
+            )
+            return manifest
+        # the same path as a resume: intact shards are kept, the damaged ones rebuilt, the manifest rewritten
+        print(f"[teacher_cache] {uri} is finished but damaged ({'; '.join(damaged)}): rebuilding those parts")
     spath = storage.join(root, JOB_STATE)
     if storage.exists(fs, spath):
         state = storage.read_json(fs, spath)
@@ -508,8 +398,6 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> dict:
 
     ray = _init_ray(cfg.ray)
     check_resources(ray, cfg.ray)
-    from teacher_cache.teacher import TeacherConfig as _TC  # noqa: F401  (pickled by reference in actors)
-
     probe = [
         tok(records[i].prompt + records[i].response, add_special_tokens=False)["input_ids"][:64]
         for i in range(min(2, len(records)))
@@ -596,86 +484,42 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> dict:
     missing = [i for i in range(len(plan)) if i not in done]
     if missing:
         raise RuntimeError(f"{uri}: shards {missing} were not written; re-run the job to complete the cache")
-    shards = [done[i] for i in range(len(plan))]
-    manifest = _manifest(cfg, fp, records, stats, rec_fp, tok_facts, teacher_info, shards, time.time() - t0)
-    manifest["files"].update(_write_tokenizer(fs, root, tok))
+    settings = Settings(
+        max_length=cfg.cache.max_length,
+        max_prompt_length=cfg.cache.max_prompt_length,
+        top_k=cfg.cache.top_k,
+        hidden_dtype=cfg.cache.hidden_dtype,
+        rows_per_shard=cfg.cache.rows_per_shard,
+    )
+    source = {
+        "path": cfg.data.path,
+        "format": cfg.data.format,
+        "split": cfg.data.split,
+        "prompt_template": "as in the source (dskd) / Alpaca-MiniLLM (dolly); see pipeline.records",
+        "records_fingerprint": rec_fp,
+        "read": stats.read,
+        "kept": stats.kept,
+        "skipped_empty": stats.skipped_empty,
+        "duplicates": stats.duplicates,
+    }
+    manifest = build_manifest(
+        fingerprint=fp,
+        settings=settings,
+        teacher_info=teacher_info,
+        tokenizer=tok_facts,
+        source=source,
+        shard_entries=[done[i] for i in range(len(plan))],
+        files={**teacher_info["files"], **write_tokenizer(uri, tok)},
+        seconds=time.time() - t0,
+    )
     write_manifest(uri, manifest)
-    s = manifest["stats"]
+    s = manifest.stats
     print(
-        f"[teacher_cache] done: {s['rows']} rows ({s['truncated_prompt']} prompts and {s['truncated_total']} "
-        f"sequences cut to the token limits), {s['positions']} positions, {s['bytes'] / 1e6:.1f} MB of shards, "
-        f"{s['bytes_per_position']:.0f} B/position ({cfg.cache.hidden_dtype} hidden) -> {uri}"
+        f"[teacher_cache] done: {s.rows} rows ({s.truncated_prompt} prompts and {s.truncated_total} "
+        f"sequences cut to the token limits), {s.positions} positions, {s.bytes / 1e6:.1f} MB of shards, "
+        f"{s.bytes_per_position:.0f} B/position ({cfg.cache.hidden_dtype} hidden) -> {uri}"
     )
     return manifest
-
-
-def _write_tokenizer(fs, root: str, tok) -> dict[str, dict]:
-    """The teacher tokenizer's files under ``teacher_tokenizer/`` (small); their manifest entries."""
-    import hashlib
-    import tempfile
-
-    files = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        tok.save_pretrained(tmp)
-        for p in sorted(Path(tmp).iterdir()):
-            data = p.read_bytes()
-            name = f"{TOKENIZER_DIR}/{p.name}"
-            storage.atomic_write(fs, storage.join(root, name), data)
-            files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    return files
-
-
-def _manifest(cfg, fp, records, stats, rec_fp, tok_facts, teacher_info, shards, seconds) -> dict:
-    total_bytes = sum(e["bytes"] for e in shards)
-    positions = sum(e["positions"] for e in shards)
-    d = teacher_info["hidden_size"]
-    files = teacher_info.pop("files")
-    teacher_info.pop("head_check_max_abs_err", None)
-    return {
-        "format": FORMAT_NAME,
-        "schema_version": SCHEMA_VERSION,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-        "job_fingerprint": fp,
-        "teacher": teacher_info,
-        "tokenizer": tok_facts,
-        "source": {
-            "path": cfg.data.path,
-            "format": cfg.data.format,
-            "split": cfg.data.split,
-            "prompt_template": "as in the source (dskd) / Alpaca-MiniLLM (dolly); see pipeline.records",
-            "records_fingerprint": rec_fp,
-            "read": stats.read,
-            "kept": stats.kept,
-            "skipped_empty": stats.skipped_empty,
-            "duplicates": stats.duplicates,
-        },
-        "settings": {
-            "max_length": cfg.cache.max_length,
-            "max_prompt_length": cfg.cache.max_prompt_length,
-            "top_k": cfg.cache.top_k,
-            "hidden_dtype": cfg.cache.hidden_dtype,
-            "layers": ["final"],
-            "rows_per_shard": cfg.cache.rows_per_shard,
-            "positions": "P = L - 1 per row; position t predicts input_ids[t + 1]",
-        },
-        "stats": {
-            "rows": len(records),
-            "tokens": sum(e["tokens"] for e in shards),
-            "positions": positions,
-            "truncated_prompt": sum(e["truncated_prompt"] for e in shards),
-            "truncated_total": sum(e["truncated_total"] for e in shards),
-            "bytes": total_bytes,
-            "bytes_per_position": total_bytes / max(1, positions),
-            "hidden_bytes_per_position": d * BYTES_PER_VALUE[cfg.cache.hidden_dtype]
-            + (4 if cfg.cache.hidden_dtype == "int8" else 0),
-            "dense_fp16_logits_bytes_per_position": 2 * teacher_info["head_rows"],
-            "job_seconds": round(seconds, 2),
-        },
-        "shards": [
-            {k: e[k] for k in ("file", "rows", "tokens", "positions", "bytes", "sha256")} for e in shards
-        ],
-        "files": files,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

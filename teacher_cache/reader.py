@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,6 @@ from teacher_cache.format import (
     EMBED_FILE,
     FORMAT_NAME,
     HEAD_FILE,
-    HIDDEN_DTYPES,
     MANIFEST,
     SCHEMA_VERSION,
     SHARD_DIR,
@@ -25,10 +23,9 @@ from teacher_cache.format import (
     decode_row,
 )
 from teacher_cache.format import schema as shard_schema
+from teacher_cache.manifest import CacheError, Manifest, ShardEntry, parse_manifest
 
-
-class CacheError(ValueError):
-    """The cache is missing, incomplete, corrupt, or not the one the caller expects."""
+__all__ = ["CacheError", "CacheExpectation", "TeacherCache", "open_cache"]
 
 
 @dataclass
@@ -50,122 +47,20 @@ class CacheExpectation:
     schema_version: int = SCHEMA_VERSION
 
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_SHARD_FILE = re.compile(rf"^{SHARD_DIR}/part-\d{{5}}\.arrow$")
-_PLAIN_FILE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?$")
-
-
-def _fail(uri: str, field: str, why: str) -> None:
-    raise CacheError(f"{uri}: manifest field {field} {why}; the manifest was edited or is damaged")
-
-
-def _need(uri: str, obj: Any, field: str, kind: type, check=None, why: str = "") -> Any:
-    """``obj[last part of field]``, of type ``kind`` and passing ``check``; otherwise a CacheError naming it."""
-    key = field.rpartition(".")[2]
-    if not isinstance(obj, dict) or key not in obj:
-        _fail(uri, field, "is missing")
-    value = obj[key]
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        _fail(uri, field, f"must be {kind.__name__}, found {type(value).__name__} {value!r}")
-    if check is not None and not check(value):
-        _fail(uri, field, f"is {value!r}: {why}")
-    return value
-
-
-def validate_manifest(manifest: Any, uri: str) -> None:
-    """Every field the readers use, with its type and range; one :class:`CacheError` naming the field.
-
-    Also the manifest's internal consistency: shard names are plain names inside ``shards/`` (no ``..``, no
-    absolute path), unique, and their rows add up to ``stats.rows``; file names are plain relative names.
-    """
-    if not isinstance(manifest, dict):
-        raise CacheError(f"{uri}: {MANIFEST} must be a JSON object, found {type(manifest).__name__}")
-    hex64 = (lambda v: bool(_HEX64.match(v)), "expected 64 hex digits")
-    positive = (lambda v: v > 0, "must be > 0")
-    _need(uri, manifest, "format", str)
-    _need(uri, manifest, "schema_version", int)
-    _need(uri, manifest, "job_fingerprint", str, *hex64)
-    teacher = _need(uri, manifest, "teacher", dict)
-    _need(uri, teacher, "teacher.name", str)
-    _need(uri, teacher, "teacher.hidden_size", int, *positive)
-    _need(uri, teacher, "teacher.head_rows", int, *positive)
-    tok = _need(uri, manifest, "tokenizer", dict)
-    _need(uri, tok, "tokenizer.sha256", str, *hex64)
-    _need(uri, tok, "tokenizer.eos_id", int, lambda v: v >= 0, "must be >= 0")
-    settings = _need(uri, manifest, "settings", dict)
-    _need(
-        uri,
-        settings,
-        "settings.hidden_dtype",
-        str,
-        lambda v: v in HIDDEN_DTYPES,
-        f"not one of {HIDDEN_DTYPES}",
-    )
-    _need(uri, settings, "settings.top_k", int, *positive)
-    max_len = _need(uri, settings, "settings.max_length", int, lambda v: v > 1, "must be > 1")
-    _need(
-        uri,
-        settings,
-        "settings.max_prompt_length",
-        int,
-        lambda v: 0 < v < max_len,
-        "must be in (0, max_length)",
-    )
-    rows = _need(
-        uri, _need(uri, manifest, "stats", dict), "stats.rows", int, lambda v: v >= 0, "must be >= 0"
-    )
-    shards = _need(uri, manifest, "shards", list, lambda v: len(v) > 0, "must list at least one shard")
-    seen: set[str] = set()
-    for i, entry in enumerate(shards):
-        where = f"shards[{i}]"
-        name = _need(
-            uri,
-            entry,
-            f"{where}.file",
-            str,
-            lambda v: bool(_SHARD_FILE.match(v)),
-            "not shards/part-NNNNN.arrow",
-        )
-        if name in seen:
-            _fail(uri, f"{where}.file", f"repeats {name}")
-        seen.add(name)
-        _need(uri, entry, f"{where}.rows", int, lambda v: v >= 0, "must be >= 0")
-        _need(uri, entry, f"{where}.bytes", int, *positive)
-        _need(uri, entry, f"{where}.sha256", str, *hex64)
-    total = sum(e["rows"] for e in shards)
-    if total != rows:
-        _fail(uri, "stats.rows", f"is {rows} but the shards hold {total} rows")
-    for name, info in _need(uri, manifest, "files", dict).items():
-        if not _PLAIN_FILE.match(name) or ".." in name.split("/"):
-            _fail(uri, f"files[{name!r}]", "must be a plain relative name inside the cache")
-        _need(uri, info, f"files[{name!r}].bytes", int, lambda v: v >= 0, "must be >= 0")
-        _need(uri, info, f"files[{name!r}].sha256", str, *hex64)
-
-
-def _check(manifest: dict, expect: CacheExpectation, uri: str) -> None:
-    found_version = manifest.get("schema_version")
-    if manifest.get("format") != FORMAT_NAME:
-        raise CacheError(f"{uri}: manifest format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+def _check(manifest: Manifest, expect: CacheExpectation, uri: str) -> None:
+    found_version = manifest.schema_version
+    if manifest.format != FORMAT_NAME:
+        raise CacheError(f"{uri}: manifest format is {manifest.format!r}, expected {FORMAT_NAME!r}")
     if found_version != expect.schema_version:
         raise CacheError(
             f"{uri}: cache schema version {found_version} but this code reads version {expect.schema_version}; "
             "rebuild the cache with this version of teacher_cache.job or use a matching release"
         )
     checks = [
-        ("teacher", manifest["teacher"].get("name"), expect.teacher_name, "teacher.path"),
-        (
-            "teacher weights",
-            manifest["teacher"].get("weights_fingerprint"),
-            expect.teacher_weights,
-            "teacher",
-        ),
-        (
-            "teacher tokenizer",
-            manifest["tokenizer"].get("sha256"),
-            expect.tokenizer_sha256,
-            "teacher tokenizer",
-        ),
-        ("teacher hidden size", manifest["teacher"].get("hidden_size"), expect.hidden_size, "teacher"),
+        ("teacher", manifest.teacher.get("name"), expect.teacher_name, "teacher.path"),
+        ("teacher weights", manifest.teacher.get("weights_fingerprint"), expect.teacher_weights, "teacher"),
+        ("teacher tokenizer", manifest.tokenizer.get("sha256"), expect.tokenizer_sha256, "teacher tokenizer"),
+        ("teacher hidden size", manifest.teacher.get("hidden_size"), expect.hidden_size, "teacher"),
     ]
     for what, found, expected, knob in checks:
         if expected is not None and found != expected:
@@ -182,23 +77,38 @@ class TeacherCache:
     Shards are memory-mapped when the cache is local and read through the filesystem otherwise.
     """
 
-    def __init__(self, uri: str, manifest: dict):
+    def __init__(self, uri: str, manifest: Manifest):
         self.uri = uri
         self.manifest = manifest
         self.fs, self.root, self.local = storage.resolve(uri)
-        self.hidden_dtype: str = manifest["settings"]["hidden_dtype"]
-        self.top_k: int = manifest["settings"]["top_k"]
-        self.hidden_size: int = manifest["teacher"]["hidden_size"]
-        self.shards: list[dict] = manifest["shards"]
+        self.layout = manifest.layout
+        self.shards: tuple[ShardEntry, ...] = manifest.shards
 
     # ----------------------------------------------------------------- facts
     @property
     def num_rows(self) -> int:
-        return int(self.manifest["stats"]["rows"])
+        return self.manifest.stats.rows
 
     @property
     def eos_id(self) -> int:
-        return int(self.manifest["tokenizer"]["eos_id"])
+        return self.manifest.eos_id
+
+    @property
+    def hidden_size(self) -> int:
+        return self.layout.hidden_size
+
+    @property
+    def top_k(self) -> int:
+        return self.layout.top_k
+
+    @property
+    def hidden_dtype(self) -> str:
+        return self.layout.hidden_dtype
+
+    @property
+    def shard_rows(self) -> list[int]:
+        """Rows of each shard, in manifest order."""
+        return [e.rows for e in self.shards]
 
     def __len__(self) -> int:
         return self.num_rows
@@ -210,17 +120,17 @@ class TeacherCache:
             raise ValueError(f"rank {rank} out of range for world size {world_size}")
         return list(range(rank, len(self.shards), world_size))
 
-    def _check_entry(self, entry: dict) -> str:
+    def _check_entry(self, entry: ShardEntry) -> str:
         """Existence and size of one shard against the manifest (no read); returns its path."""
-        path = storage.join(self.root, entry["file"])
+        path = storage.join(self.root, entry.file)
         if not storage.exists(self.fs, path):
             raise CacheError(
-                f"{self.uri}: shard {entry['file']} listed in the manifest is missing; re-run the cache job to rebuild it"
+                f"{self.uri}: shard {entry.file} listed in the manifest is missing; re-run the cache job to rebuild it"
             )
         found = storage.size(self.fs, path)
-        if found != entry["bytes"]:
+        if found != entry.bytes:
             raise CacheError(
-                f"{self.uri}: shard {entry['file']} has {found} bytes, the manifest says {entry['bytes']}: "
+                f"{self.uri}: shard {entry.file} has {found} bytes, the manifest says {entry.bytes}: "
                 "the file is truncated or was replaced; re-run the cache job to rebuild it"
             )
         return path
@@ -234,19 +144,19 @@ class TeacherCache:
             table = ipc.open_file(src).read_all()
         except (pa.ArrowInvalid, OSError) as e:
             raise CacheError(
-                f"{self.uri}: shard {entry['file']} is not a readable Arrow IPC file ({e}); re-run the cache job "
+                f"{self.uri}: shard {entry.file} is not a readable Arrow IPC file ({e}); re-run the cache job "
                 "to rebuild it"
             ) from e
-        if table.num_rows != entry["rows"]:
+        if table.num_rows != entry.rows:
             raise CacheError(
-                f"{self.uri}: shard {entry['file']} has {table.num_rows} rows, manifest says {entry['rows']}"
+                f"{self.uri}: shard {entry.file} has {table.num_rows} rows, manifest says {entry.rows}"
             )
-        want = shard_schema(self.hidden_size, self.top_k, self.hidden_dtype)
+        want = shard_schema(self.layout)
         if not table.schema.equals(want, check_metadata=False):
             got = {f.name: str(f.type) for f in table.schema}
             diff = {f.name: (got.get(f.name), str(f.type)) for f in want if got.get(f.name) != str(f.type)}
             raise CacheError(
-                f"{self.uri}: shard {entry['file']} does not have the schema the manifest describes "
+                f"{self.uri}: shard {entry.file} does not have the schema the manifest describes "
                 f"(hidden_size {self.hidden_size}, top_k {self.top_k}, hidden_dtype {self.hidden_dtype}); "
                 f"column (found, expected): {diff}"
             )
@@ -256,7 +166,7 @@ class TeacherCache:
         table = self.open_shard(position)
         for batch in table.to_batches():
             for i in range(batch.num_rows):
-                yield decode_row(batch, i, self.hidden_dtype)
+                yield decode_row(batch, i, self.layout)
 
     def iter_rows(self, shards: list[int] | None = None) -> Iterator[CachedRow]:
         """Iterate decoded rows of the given shard positions (all by default), in order."""
@@ -268,7 +178,7 @@ class TeacherCache:
         and the shard folder holds exactly the manifest's shards (an extra one means a dropped entry)."""
         for entry in self.shards:
             self._check_entry(entry)
-        listed = {e["file"].rsplit("/", 1)[1] for e in self.shards}
+        listed = {e.file.rsplit("/", 1)[1] for e in self.shards}
         shard_dir = storage.join(self.root, SHARD_DIR)
         on_disk = {n for n in storage.list_names(self.fs, shard_dir) if n.endswith(".arrow")}
         extra = sorted(on_disk - listed)
@@ -277,25 +187,25 @@ class TeacherCache:
                 f"{self.uri}: shard file(s) {extra} are on disk but not in the manifest: rows would be silently "
                 "dropped; the manifest was edited or belongs to another cache"
             )
-        for name in self.manifest["files"]:
+        for name in self.manifest.files:
             if not storage.exists(self.fs, storage.join(self.root, name)):
                 raise CacheError(f"{self.uri}: {name} is missing; re-run the cache job to rebuild it")
 
     def verify(self, shards: list[int] | None = None) -> None:
         """Recompute the sha256 of the given shard positions (all by default) and of the tensor files."""
         for entry in [self.shards[i] for i in shards] if shards is not None else self.shards:
-            path = storage.join(self.root, entry["file"])
+            path = storage.join(self.root, entry.file)
             if not storage.exists(self.fs, path):
-                raise CacheError(f"{self.uri}: shard {entry['file']} is missing")
+                raise CacheError(f"{self.uri}: shard {entry.file} is missing")
             digest = storage.sha256_file(self.fs, path)
-            if digest != entry["sha256"]:
+            if digest != entry.sha256:
                 raise CacheError(
-                    f"{self.uri}: shard {entry['file']} checksum {digest[:12]}… does not match the manifest's "
-                    f"{entry['sha256'][:12]}…: the file is corrupt; delete it and re-run the cache job"
+                    f"{self.uri}: shard {entry.file} checksum {digest[:12]}… does not match the manifest's "
+                    f"{entry.sha256[:12]}…: the file is corrupt; delete it and re-run the cache job"
                 )
-        for name, info in self.manifest["files"].items():
+        for name, info in self.manifest.files.items():
             digest = storage.sha256_file(self.fs, storage.join(self.root, name))
-            if digest != info["sha256"]:
+            if digest != info.sha256:
                 raise CacheError(
                     f"{self.uri}: {name} checksum does not match the manifest: the file is corrupt"
                 )
@@ -331,7 +241,7 @@ class TeacherCache:
 
         from pipeline.tokenize import tokenizer_fingerprint
 
-        names = [n for n in self.manifest["files"] if n.startswith(TOKENIZER_DIR + "/")]
+        names = [n for n in self.manifest.files if n.startswith(TOKENIZER_DIR + "/")]
         if override:
             from pipeline.models import resolve
 
@@ -350,7 +260,7 @@ class TeacherCache:
                 f"{self.uri} has no {TOKENIZER_DIR}/ (built before it was stored): pass the teacher's tokenizer "
                 "(data.teacher_tokenizer=DIR or model:NAME); it is checked against the cache's fingerprint"
             )
-        want = self.manifest["tokenizer"]["sha256"]
+        want = self.manifest.tokenizer["sha256"]
         got = tokenizer_fingerprint(tok, self.eos_id)["sha256"]
         if got != want:
             raise CacheError(
@@ -384,10 +294,10 @@ def open_cache(
             hint = "the directory does not exist"
         raise CacheError(f"{uri}: no {MANIFEST}; {hint}")
     try:
-        manifest = storage.read_json(fs, mpath)
+        raw = storage.read_json(fs, mpath)
     except ValueError as e:
         raise CacheError(f"{uri}: {MANIFEST} is not valid JSON ({e})") from e
-    validate_manifest(manifest, uri)
+    manifest = parse_manifest(raw, uri)
     _check(manifest, expect, uri)
     cache = TeacherCache(uri, manifest)
     cache.check_files()

@@ -1,39 +1,46 @@
-"""Shard and manifest writing: temporary names, checksums, sidecars, the manifest last."""
+"""Everything the cache job writes: shards with their sidecars, the teacher's files, the manifest (last).
+
+Every file goes to a temporary name and is moved into place when complete (``storage.atomic_write``).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import tempfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from teacher_cache import storage
-from teacher_cache.format import MANIFEST, build_table, shard_name
+from teacher_cache.format import (
+    EMBED_FILE,
+    HEAD_FILE,
+    MANIFEST,
+    TEACHER_INFO,
+    TOKENIZER_DIR,
+    Layout,
+    build_table,
+    shard_name,
+)
+from teacher_cache.manifest import Manifest
 
 
 def sidecar_name(index: int) -> str:
     return shard_name(index) + ".json"
 
 
-def write_shard(
-    uri: str,
-    index: int,
-    rows: list[dict],
-    *,
-    hidden_size: int,
-    top_k: int,
-    hidden_dtype: str,
-    job_fingerprint: str,
-) -> dict:
+def write_shard(uri: str, index: int, rows: list[dict], layout: Layout, *, job_fingerprint: str) -> dict:
     """Write shard ``index`` (an Arrow IPC file) and its sidecar; returns the shard's manifest entry.
 
-    The shard is serialised in memory, checksummed, written under a temporary name and moved into
-    place; the sidecar (rows, tokens, sha256, job fingerprint) is written after it, so a shard counts
-    as done only when both exist and agree.
+    ``rows`` are dicts of column name -> value (see :func:`teacher_cache.format.build_table`) plus the
+    booleans ``truncated_prompt`` and ``truncated_total``. The shard is serialised in memory, checksummed,
+    written under a temporary name and moved into place; the sidecar (rows, tokens, sha256, job
+    fingerprint) is written after it, so a shard counts as done only when both exist and agree.
     """
     fs, root, _ = storage.resolve(uri)
     rows = sorted(rows, key=lambda r: r["source_index"])
-    table = build_table(rows, hidden_size, top_k, hidden_dtype)
+    table = build_table(rows, layout)
     sink = pa.BufferOutputStream()
     with ipc.new_file(sink, table.schema) as w:
         w.write_table(table)
@@ -45,7 +52,7 @@ def write_shard(
         "file": shard_name(index),
         "rows": table.num_rows,
         "tokens": int(sum(len(r["input_ids"]) for r in rows)),
-        "positions": int(sum(len(r["logsumexp"]) for r in rows)),
+        "positions": int(sum(len(r["input_ids"]) - 1 for r in rows)),
         "truncated_prompt": int(sum(bool(r.get("truncated_prompt")) for r in rows)),
         "truncated_total": int(sum(bool(r.get("truncated_total")) for r in rows)),
         "bytes": buf.size,
@@ -77,7 +84,85 @@ def finished_shard(
     return entry
 
 
-def write_manifest(uri: str, manifest: dict) -> None:
+def damaged_parts(uri: str, manifest: Manifest, verify: bool = True) -> list[str]:
+    """What of a finished cache no longer matches its manifest: missing, resized or (``verify``) changed files."""
+    fs, root, _ = storage.resolve(uri)
+    entries = [(e.file, e) for e in manifest.shards] + list(manifest.files.items())
+    out = []
+    for name, entry in entries:
+        path = storage.join(root, name)
+        if not storage.exists(fs, path):
+            out.append(f"{name} missing")
+        elif storage.size(fs, path) != entry.bytes:
+            out.append(f"{name} has {storage.size(fs, path)} bytes, not {entry.bytes}")
+        elif verify and storage.sha256_file(fs, path) != entry.sha256:
+            out.append(f"{name} checksum differs")
+    return out
+
+
+def describe_loaded(model, teacher, uri: str, probe_ids: list[list[int]]) -> dict:
+    """Check hidden x head reproduces the teacher's logits, write head and embeddings, describe the teacher.
+
+    The description goes to ``TEACHER_INFO`` in the cache root (the driver copies it into the manifest).
+    If a partial cache already holds one, the weights must be the same: a resumed job never mixes teachers.
+    Idempotent: several forward actors may run it; their writes are atomic and identical.
+    """
+    import torch
+    from safetensors.torch import save
+
+    from teacher_cache.teacher import check_head_reproduces_logits, teacher_facts
+
+    fs, root, _ = storage.resolve(uri)
+    width = max(len(p) for p in probe_ids)
+    x = torch.zeros((len(probe_ids), width), dtype=torch.long)
+    m = torch.zeros_like(x)
+    for i, p in enumerate(probe_ids):
+        x[i, : len(p)] = torch.tensor(p)
+        m[i, : len(p)] = 1
+    err = check_head_reproduces_logits(model, x, m)
+    facts = teacher_facts(teacher, model)
+    info_path = storage.join(root, TEACHER_INFO)
+    if storage.exists(fs, info_path):
+        before = storage.read_json(fs, info_path)
+        if before.get("weights_fingerprint") != facts["weights_fingerprint"]:
+            raise ValueError(
+                f"{uri}: the teacher weights changed since this partial cache was started (fingerprint "
+                f"{str(before.get('weights_fingerprint'))[:12]} then, {facts['weights_fingerprint'][:12]} now); "
+                "delete the directory and rerun, or restore the original teacher"
+            )
+    facts["head_check_max_abs_err"] = err
+    head = model.get_output_embeddings()
+    tensors = {"weight": head.weight.detach().contiguous().cpu()}
+    if getattr(head, "bias", None) is not None:
+        tensors["bias"] = head.bias.detach().contiguous().cpu()
+    files = {}
+    for name, tdict in (
+        (HEAD_FILE, tensors),
+        (EMBED_FILE, {"weight": model.get_input_embeddings().weight.detach().contiguous().cpu()}),
+    ):
+        blob = save(tdict)
+        storage.atomic_write(fs, storage.join(root, name), blob)
+        files[name] = {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
+    facts["files"] = files
+    storage.write_json(fs, info_path, facts)
+    return facts
+
+
+def write_tokenizer(uri: str, tok) -> dict[str, dict]:
+    """The teacher tokenizer's files under ``teacher_tokenizer/`` (small); their manifest entries."""
+    fs, root, _ = storage.resolve(uri)
+    files = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        for p in sorted(Path(tmp).iterdir()):
+            data = p.read_bytes()
+            name = f"{TOKENIZER_DIR}/{p.name}"
+            storage.atomic_write(fs, storage.join(root, name), data)
+            files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return files
+
+
+def write_manifest(uri: str, manifest: Manifest) -> None:
     """Write ``manifest.json`` atomically: the last file of a complete cache."""
     fs, root, _ = storage.resolve(uri)
-    storage.write_json(fs, storage.join(root, MANIFEST), manifest)
+    storage.write_json(fs, storage.join(root, MANIFEST), manifest.to_dict())

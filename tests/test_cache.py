@@ -90,7 +90,7 @@ def test_cache_matches_live_teacher_fp32(llama_cache, tiny_llama_dir):
             <= len(row.prompt)
             <= row.offsets[row.response_start, 0] + 1
         )
-        assert row.offsets[-1, 0] == len(text) or manifest["stats"]["truncated_total"] > 0
+        assert row.offsets[-1, 0] == len(text) or manifest.stats.truncated_total > 0
         n += 1
     assert n == 40
 
@@ -115,6 +115,74 @@ def test_hidden_dtype_fidelity(tiny_llama_dir, dtype, max_kl):
     assert set(HIDDEN_DTYPES) == {"float32", "float16", "bfloat16", "int8"}
 
 
+@pytest.mark.parametrize("dtype", HIDDEN_DTYPES)
+def test_column_table_round_trip(dtype):
+    """Rows -> Arrow table -> decoded rows through the one column table, for every hidden dtype; a row whose
+    array has the wrong length or width is refused naming the column."""
+    from teacher_cache.format import (
+        COLUMNS,
+        Layout,
+        build_table,
+        columns,
+        decode_row,
+        encode_positions,
+        schema,
+    )
+
+    layout = Layout(hidden_size=6, top_k=3, hidden_dtype=dtype)
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in (4, 2, 7):
+        h = torch.from_numpy(rng.normal(size=(n - 1, 6)).astype(np.float32))
+        rows.append(
+            {
+                "sample_id": f"id{n}",
+                "source_index": n,
+                "prompt": "p" * n,
+                "response": "é" * n,
+                "input_ids": np.arange(n, dtype=np.int32),
+                "offsets": np.stack([np.arange(n), np.arange(n) + 1], 1).astype(np.int32),
+                "response_start": 1,
+                **encode_positions("hidden", h, layout),
+                "topk_ids": rng.integers(0, 9, size=(n - 1, 3)).astype(np.int32),
+                "topk_logprobs": rng.normal(size=(n - 1, 3)).astype(np.float32),
+                "logsumexp": rng.normal(size=n - 1).astype(np.float32),
+                "entropy": rng.random(n - 1).astype(np.float32),
+                "_h": h,
+            }
+        )
+    table = build_table(rows, layout)
+    assert table.schema.equals(schema(layout), check_metadata=True)
+    assert [f.name for f in table.schema] == [c.name for c in columns(layout)]
+    assert ("hidden_scale" in table.schema.names) == (dtype == "int8")
+    batch = table.to_batches()[0]
+    for i, r in enumerate(rows):
+        got = decode_row(batch, i, layout)
+        for c in COLUMNS:
+            if c.name != "hidden":
+                np.testing.assert_array_equal(np.asarray(getattr(got, c.name)), np.asarray(r[c.name]))
+        tol = {"float32": 0, "float16": 1e-3, "bfloat16": 1e-2, "int8": 3e-2}[dtype]
+        assert (got.hidden - r["_h"]).abs().max().item() <= tol * max(1.0, r["_h"].abs().max().item())
+    bad = dict(rows[0], topk_ids=rows[0]["topk_ids"][:, :2])
+    with pytest.raises(ValueError, match=r"row id4: column topk_ids has shape \(3, 2\), expected \(3, 3\)"):
+        build_table([bad], layout)
+    bad = dict(rows[0], entropy=rows[0]["entropy"][:-1])
+    with pytest.raises(ValueError, match=r"column entropy has shape \(2,\), expected \(3,\)"):
+        build_table([bad], layout)
+
+
+def test_manifest_parses_to_its_typed_form_and_back(llama_cache):
+    """The typed manifest keeps every key of the JSON (written -> parsed -> written is the identity)."""
+    from teacher_cache.manifest import parse_manifest
+
+    out, manifest = llama_cache
+    raw = json.loads((out / MANIFEST).read_text())
+    parsed = parse_manifest(raw, str(out))
+    assert parsed == manifest and parsed.to_dict() == raw
+    assert parsed.stats.rows == sum(e.rows for e in parsed.shards) == 40
+    assert parsed.layout.hidden_size == raw["teacher"]["hidden_size"]
+
+
 def test_mistral_arch_int8_cache_and_expectations(
     ray_session, tmp_path, synthetic_jsonl, tiny_mistral_dir, llama_cache
 ):
@@ -123,8 +191,8 @@ def test_mistral_arch_int8_cache_and_expectations(
         _cfg(synthetic_jsonl, tiny_mistral_dir, out, "cache.hidden_dtype=int8", "cache.top_k=4"),
         progress=False,
     )
-    assert manifest["teacher"]["architecture"] == "MistralForCausalLM"
-    assert manifest["stats"]["hidden_bytes_per_position"] == 48 + 4
+    assert manifest.teacher["architecture"] == "MistralForCausalLM"
+    assert manifest.stats.hidden_bytes_per_position == 48 + 4
     cache = open_cache(str(out), expect={"teacher_name": str(tiny_mistral_dir), "hidden_size": 48})
     model = load_teacher(TeacherConfig(path=str(tiny_mistral_dir)))
     head, _ = cache.load_head()
@@ -140,8 +208,8 @@ def test_mistral_arch_int8_cache_and_expectations(
     with pytest.raises(CacheError, match="built for teacher .* but the config expects"):
         open_cache(str(llama_out), expect={"teacher_name": str(tiny_mistral_dir)})
     with pytest.raises(CacheError, match="teacher tokenizer"):
-        open_cache(str(llama_out), expect=CacheExpectation(tokenizer_sha256=manifest["tokenizer"]["sha256"]))
-    assert manifest["tokenizer"]["sha256"] != llama_manifest["tokenizer"]["sha256"]
+        open_cache(str(llama_out), expect=CacheExpectation(tokenizer_sha256=manifest.tokenizer["sha256"]))
+    assert manifest.tokenizer["sha256"] != llama_manifest.tokenizer["sha256"]
 
 
 def test_rerun_is_a_no_op_and_other_config_is_refused(llama_cache, synthetic_jsonl, tiny_llama_dir):
@@ -179,7 +247,7 @@ def test_rerun_repairs_a_damaged_finished_cache(
     assert "part-00001.arrow checksum differs" in said and "teacher_head.safetensors has 100 bytes" in said
     assert "teacher_tokenizer/tokenizer.json missing" in said
     cache = open_cache(str(out), verify=True)  # every checksum holds again
-    assert cache.num_rows == manifest["stats"]["rows"] and again["shards"] == manifest["shards"]
+    assert cache.num_rows == manifest.stats.rows and again.shards == manifest.shards
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*.arrow")} == original
     assert (out / "shards/part-00002.arrow").stat().st_mtime_ns == intact  # intact shards are kept
 
@@ -195,7 +263,7 @@ def test_resume_refuses_changed_teacher_weights(ray_session, tmp_path, synthetic
     manifest = run(_cfg(synthetic_jsonl, teacher, out), progress=False)
     assert (
         json.loads((out / TEACHER_INFO).read_text())["weights_fingerprint"]
-        == (manifest["teacher"]["weights_fingerprint"])
+        == (manifest.teacher["weights_fingerprint"])
     )
     shutil.rmtree(teacher)
     save_tiny_model(teacher, "llama", mistral_tokenizer, hidden=64, seed=7)  # same path, other weights

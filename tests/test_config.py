@@ -56,7 +56,7 @@ def test_every_shipped_train_config_loads(path):
     obj = cfg.objective_config()
     ds = cfg.deepspeed_config(world_size=2)
     assert ds["train_batch_size"] == cfg.train.micro_batch * cfg.train.grad_accum * 2
-    from student_train.losses.objective import PRESETS
+    from student_train.losses.config import PRESETS
 
     named = [p for p in PRESETS if path.stem.endswith("_" + p)]
     if named:  # a config named after a method runs that method (pair configs take objective.preset=)
@@ -96,7 +96,11 @@ def test_student_job_reports_config_mistakes_in_one_line():
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "error: objective.dtw_gamma: expected a number, found 'abc'" in res.stderr
     res = subprocess.run([*base, "objective.preset=nope"], cwd=repo, capture_output=True, text=True)
-    assert res.returncode == 2 and "unknown objective preset 'nope'" in res.stderr and "Traceback" not in res.stderr
+    assert (
+        res.returncode == 2
+        and "unknown objective preset 'nope'" in res.stderr
+        and "Traceback" not in res.stderr
+    )
     out = subprocess.run([*base[:2], "--help"], cwd=repo, capture_output=True, text=True).stdout
     assert "objective.kd_temperature=2.0" in out and "multilevel_ot" in out
 

@@ -17,6 +17,7 @@ from _procs import kill_tree
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
 DS = str(Path(sys.executable).parent / "deepspeed")
+PROBE = "tests/_student_probe.py"  # student_train/main.py, then the evidence of what the process held
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +94,10 @@ def _env():
 
 def launch(args, world: int, timeout=600, check=True):
     if world == 1:
-        cmd = [sys.executable, "student_train/main.py", *args]
+        cmd = [sys.executable, PROBE, *args]
     else:
         port = 29000 + (os.getpid() * 7 + int(time.time() * 1000)) % 2000
-        cmd = [DS, "--num_gpus", str(world), "--master_port", str(port), "student_train/main.py", *args]
+        cmd = [DS, "--num_gpus", str(world), "--master_port", str(port), PROBE, *args]
     res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     if check:
         assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
@@ -232,7 +233,7 @@ def test_zero_and_lora_runs_export_loadable_students(tmp_path, cache_dir, studen
     assert not any("lora" in n for n, _ in model.named_parameters())
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert torch.isfinite(logits).all()
-    info = json.loads((out / "run_info.json").read_text())
+    info = json.loads((out / "probe.json").read_text())
     assert info["ray_imported"] is False and info["teacher_loader_imported"] is False
     assert all(name.startswith("GPT2") for name in info["models_alive"]), info
     recs = _metrics(out)
@@ -333,7 +334,7 @@ def test_objective_from_cache_equals_objective_with_live_teacher(cache_dir, teac
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.tokenize import eos_id_of
-    from student_train.data import CacheBatches, Schedule
+    from student_train.data import Schedule, ScheduledBatches
     from student_train.losses.cma import Projectors
     from student_train.losses.objective import ObjectiveConfig
     from student_train.model import Distiller
@@ -343,7 +344,7 @@ def test_objective_from_cache_equals_objective_with_live_teacher(cache_dir, teac
     cache = open_cache(str(cache_dir))
     tok = AutoTokenizer.from_pretrained(student_dir)
     tok.pad_token = tok.eos_token
-    sched = Schedule([s["rows"] for s in cache.shards], 0, 1, 4, 0, 0)
+    sched = Schedule(cache.shard_rows, 0, 1, 4, 0, 0)
     kw = dict(
         tokenizer=tok,
         pad_id=tok.pad_token_id,
@@ -352,7 +353,7 @@ def test_objective_from_cache_equals_objective_with_live_teacher(cache_dir, teac
         max_length=512,
         with_teacher=True,
     )
-    batch = next(iter(CacheBatches(cache, sched, 0, 0, kw)))
+    batch = next(iter(ScheduledBatches(cache, sched, 0, 0, kw)))
     teacher = load_teacher(TeacherConfig(path=str(teacher_dir)))
     with torch.no_grad():
         live_hidden = teacher.base_model(
@@ -389,7 +390,7 @@ def test_schedule_and_loader_workers_partition_the_data(cache_dir, student_dir):
     from teacher_cache.reader import open_cache
 
     cache = open_cache(str(cache_dir))
-    rows = [s["rows"] for s in cache.shards]
+    rows = cache.shard_rows
     for world in (1, 2, 3):
         scheds = [Schedule(rows, r, world, 2, seed=7, shuffle_buffer=8) for r in range(world)]
         orders = [s.order(epoch=0) for s in scheds]
@@ -446,7 +447,7 @@ def test_logit_baselines_train_from_the_cache(tmp_path, cache_dir, student_dir, 
     recs = _metrics(out)
     assert len(recs) == 2 and all(r["term/logit_kd"] > 0 and r["term/ce"] > 0 for r in recs)
     assert all(r["term/kd_teacher"] == 0 and r["term/dtw_hidden"] == 0 for r in recs)
-    info = json.loads((out / "run_info.json").read_text())
+    info = json.loads((out / "probe.json").read_text())
     assert info["teacher_loader_imported"] is False and info["ray_imported"] is False
     assert not (out / "export" / "projectors.safetensors").exists()  # no projectors for logit-level methods
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from student_train.losses.config import DTWPositions, StudentNorm
 from student_train.losses.divergences import compute_dtype
 
 __all__ = [
@@ -31,9 +31,6 @@ __all__ = [
 
 WEIGHT_EPS = 1e-9
 """epsilon of eqs (12), (14) and of the band renormalisation (19), as in the reference code."""
-
-DTWPositions = Literal["response", "ref_first_n"]
-StudentNorm = Literal["entropy", "product"]
 
 
 # --------------------------------------------------------------------------------------- token weights

@@ -1,0 +1,207 @@
+"""What the objective consumes: :class:`ObjectiveInputs` and its validation against a config.
+
+Every check names the field, the expected shape and what to do; ``ObjectiveConfig.check_inputs`` turns the
+checks that need a host sync (finiteness, id ranges) off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.tokenize import IGNORE_INDEX
+from student_train.losses.config import ObjectiveConfig
+
+
+@dataclass
+class ObjectiveInputs:
+    """Tensors the objective consumes. ``B`` batch, ``n``/``m`` padded student/teacher lengths.
+
+    Student tensors come from the student forward (the trainer owns it); teacher tensors come from the
+    cache and are constants (never receive gradient). Only the fields the configured terms need must be
+    set: SFT needs the first two.
+
+    Attributes:
+        student_logits: ``[B, n, V_S]`` student logits (any float dtype; fp32 inside).
+        student_labels: ``[B, n]`` long next-token labels, ``-100`` at non-response / pad positions.
+        student_hidden: ``[B, n, d_S]`` student final hidden states (HF ``hidden_states[-1]``).
+        student_input_embeds: ``[B, n, d_S]`` student input-embedding lookups of the FORMAL input ids
+            (:func:`~student_train.losses.cma.formal_ids`); detached inside the CMA.
+        student_target_embeds: ``[B, n, d_S]`` lookups of the formal target ids. NOT detached: the
+            embedding DTW sends gradient into the student embedding table (METHOD.md §5.3).
+        student_head: ``[V_S, d_S]`` student LM head weight (used detached; receives no gradient).
+        teacher_hidden: ``[B, m, d_T]`` cached teacher final hidden states (any float dtype).
+        teacher_input_ids: ``[B, m]`` long teacher input ids (raw; made formal inside).
+        teacher_labels: ``[B, m]`` long teacher target ids, ``-100`` at non-response / pad positions.
+        teacher_head: ``[V_T, d_T]`` teacher LM head (constant; pass fp32 to avoid a per-step cast).
+        teacher_embeddings: ``[V_T', d_T]`` teacher input-embedding table (constant).
+        teacher_attention_mask: ``[B, m]`` 1 on real (non-pad) teacher rows; default: all rows real.
+        teacher_topk_logprobs: ``[B, m, k]`` cached top-k next-token log-probs (``uld_topk``).
+        teacher_head_bias: ``[V_T]`` the teacher LM head's bias, when it has one: added wherever teacher
+            logits are rebuilt from hidden states.
+        aligned_positions: ``[B, n]`` long, for each student response position the teacher position that
+            predicts the same characters, ``-1`` if none (``pairing="offsets"``;
+            :func:`student_train.align.aligned_next_token_positions`).
+        mined_positions: ``[B, n]`` long, MinED's aligned teacher position per student response position,
+            ``-1`` where the one-hot target is used (:func:`student_train.align.mined_aligned_positions`).
+        mined_map: ``(stu_ids [K], tea_ids [K])`` long, the vocabulary map's image in the student vocabulary
+            and the first teacher id mapped to each (``mined``).
+    """
+
+    student_logits: torch.Tensor
+    student_labels: torch.Tensor
+    student_hidden: torch.Tensor | None = None
+    student_input_embeds: torch.Tensor | None = None
+    student_target_embeds: torch.Tensor | None = None
+    student_head: torch.Tensor | None = None
+    teacher_hidden: torch.Tensor | None = None
+    teacher_input_ids: torch.Tensor | None = None
+    teacher_labels: torch.Tensor | None = None
+    teacher_head: torch.Tensor | None = None
+    teacher_embeddings: torch.Tensor | None = None
+    teacher_attention_mask: torch.Tensor | None = None
+    teacher_topk_logprobs: torch.Tensor | None = None
+    teacher_head_bias: torch.Tensor | None = None
+    aligned_positions: torch.Tensor | None = None
+    mined_positions: torch.Tensor | None = None
+    mined_map: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def validate(self, cfg: ObjectiveConfig) -> None:
+        """Raise ``ValueError`` on missing, mis-shaped, non-finite or out-of-range inputs for ``cfg``."""
+        _expect_dims("student_logits", self.student_logits, 3, "[B, n, V_S]")
+        bsz, n, v_s = self.student_logits.shape
+        _expect_shape("student_labels", self.student_labels, (bsz, n), "[B, n]")
+        _expect_int("student_labels", self.student_labels)
+        _expect_float("student_logits", self.student_logits)
+        if cfg.check_inputs:
+            _check_finite("student_logits", self.student_logits)
+            _check_ids("student_labels", self.student_labels, v_s, ignore=True)
+        if not cfg.needs_teacher:
+            return
+        needed = ["teacher_hidden", "teacher_labels"]
+        if cfg.needs_projectors:
+            needed += ["student_hidden", "student_target_embeds", "teacher_embeddings"]
+        if cfg.needs_teacher_head:
+            needed += ["teacher_head"]
+        if cfg.logit_kd == "uld_topk":
+            needed += ["teacher_topk_logprobs"]
+        if cfg.needs_offsets_pairing:
+            needed += ["aligned_positions"]
+        if cfg.needs_mined_alignment:
+            needed += ["mined_positions", "mined_map", "teacher_input_ids"]
+        if cfg.needs_cma:
+            needed += ["student_input_embeds", "student_head", "teacher_input_ids"]
+        if cfg.kd_enabled:
+            needed += ["teacher_head"]
+        missing = [k for k in needed if getattr(self, k) is None]
+        if missing:
+            raise ValueError(
+                f"method {cfg.method!r} needs ObjectiveInputs fields {missing}, which are None; "
+                "the trainer must fill them from the student forward and the teacher cache"
+            )
+        for name in ("aligned_positions", "mined_positions"):
+            if getattr(self, name) is not None:
+                _expect_shape(name, getattr(self, name), (bsz, n), "[B, n]")
+                _expect_int(name, getattr(self, name))
+        if self.student_hidden is not None:
+            _expect_dims("student_hidden", self.student_hidden, 3, "[B, n, d_S]")
+            d_s = self.student_hidden.shape[-1]
+            _expect_shape("student_hidden", self.student_hidden, (bsz, n, d_s), "[B, n, d_S]")
+            for name in ("student_input_embeds", "student_target_embeds"):
+                if getattr(self, name) is not None:
+                    _expect_shape(name, getattr(self, name), (bsz, n, d_s), "[B, n, d_S]")
+            if self.student_head is not None:
+                _expect_shape("student_head", self.student_head, (v_s, d_s), "[V_S, d_S]")
+        _expect_dims("teacher_hidden", self.teacher_hidden, 3, "[B, m, d_T]")
+        if self.teacher_hidden.shape[0] != bsz:
+            raise ValueError(
+                f"teacher_hidden has batch size {self.teacher_hidden.shape[0]} but the student batch has "
+                f"{bsz}; student and teacher rows must describe the same samples in the same order"
+            )
+        m, d_t = self.teacher_hidden.shape[1:]
+        _expect_shape("teacher_labels", self.teacher_labels, (bsz, m), "[B, m]")
+        _expect_int("teacher_labels", self.teacher_labels)
+        if self.teacher_input_ids is not None:
+            _expect_shape("teacher_input_ids", self.teacher_input_ids, (bsz, m), "[B, m]")
+            _expect_int("teacher_input_ids", self.teacher_input_ids)
+        if self.teacher_topk_logprobs is not None:
+            _expect_dims("teacher_topk_logprobs", self.teacher_topk_logprobs, 3, "[B, m, k]")
+            if tuple(self.teacher_topk_logprobs.shape[:2]) != (bsz, m):
+                raise ValueError(
+                    f"teacher_topk_logprobs must have shape [B, m, k] with B, m = {bsz}, {m}, got "
+                    f"{tuple(self.teacher_topk_logprobs.shape)}"
+                )
+        if self.teacher_embeddings is not None:
+            _expect_dims("teacher_embeddings", self.teacher_embeddings, 2, "[V_T, d_T]")
+            if self.teacher_embeddings.shape[1] != d_t:
+                raise ValueError(
+                    f"teacher_embeddings has width {self.teacher_embeddings.shape[1]} but teacher_hidden has "
+                    f"d_T={d_t}; both must come from the same teacher"
+                )
+        if self.teacher_head is not None:
+            _expect_dims("teacher_head", self.teacher_head, 2, "[V_T, d_T]")
+            if self.teacher_head.shape[1] != d_t:
+                raise ValueError(
+                    f"teacher_head has width {self.teacher_head.shape[1]} but teacher_hidden has d_T={d_t}"
+                )
+        float_fields = [
+            "student_hidden",
+            "student_input_embeds",
+            "student_target_embeds",
+            "student_head",
+            "teacher_hidden",
+            "teacher_head",
+            "teacher_embeddings",
+        ]
+        for name in float_fields:
+            if getattr(self, name) is not None:
+                _expect_float(name, getattr(self, name))
+                if cfg.check_inputs:
+                    _check_finite(name, getattr(self, name))
+        if cfg.check_inputs and self.teacher_embeddings is not None:
+            v_emb = self.teacher_embeddings.shape[0]
+            t_mask = self.teacher_labels.ne(IGNORE_INDEX)
+            _check_ids("teacher_labels", self.teacher_labels, v_emb, ignore=True)
+            if self.teacher_input_ids is not None:
+                _check_ids("teacher_input_ids", self.teacher_input_ids[t_mask], v_emb, ignore=False)
+        if cfg.check_inputs and self.teacher_head is not None:
+            _check_ids("teacher_labels", self.teacher_labels, self.teacher_head.shape[0], ignore=True)
+
+
+def _expect_dims(name: str, t: torch.Tensor, dims: int, spec: str) -> None:
+    if t.dim() != dims:
+        raise ValueError(f"{name} must have shape {spec}, got {tuple(t.shape)}")
+
+
+def _expect_shape(name: str, t: torch.Tensor, shape: tuple[int, ...], spec: str) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {spec} = {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _expect_float(name: str, t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _expect_int(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor of token ids, got dtype {t.dtype}")
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(
+            f"{name} contains {bad} NaN/inf values; check the forward pass (fp16 overflow?) or the "
+            "teacher cache shard that produced this batch"
+        )
+
+
+def _check_ids(name: str, ids: torch.Tensor, vocab: int, *, ignore: bool) -> None:
+    valid = ids[ids.ne(IGNORE_INDEX)] if ignore else ids
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab):
+        raise ValueError(
+            f"{name} has ids in [{int(valid.min())}, {int(valid.max())}] outside [0, {vocab}); "
+            f"non-response positions must be {IGNORE_INDEX}, and the tokenizer must match the model"
+        )

@@ -1,0 +1,161 @@
+"""Divergences and the chunked teacher-space terms (student_train/losses/divergences.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _losses_common import _soft_dtw_kernel, make_projectors, make_tensors, reference_kernel, run  # noqa: F401
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from student_train.losses.divergences import (
+    entropy_from_logits,
+    forward_kl_from_logits,
+    skewed_reverse_kl_from_logits,
+    teacher_entropy_and_kl,
+)
+from student_train.losses.objective import (
+    PRESETS,
+)
+
+# ---------------------------------------------------------------------------------- divergences
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000), vocab=st.integers(2, 40), scale=st.floats(0.1, 20.0), tau=st.floats(0.5, 4)
+)
+def test_divergences_zero_for_identical_and_nonnegative(seed, vocab, scale, tau):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(5, vocab, generator=g) * scale
+    b = torch.randn(5, vocab, generator=g) * scale
+    for fn in (forward_kl_from_logits, skewed_reverse_kl_from_logits):
+        assert torch.allclose(fn(a, a, temperature=tau), torch.zeros(5), atol=1e-5)
+        assert (fn(a, b, temperature=tau) >= -1e-6).all()
+    # teacher-space KL through the chunked helper: q^{s2t} = p^T when hhat = teacher hidden
+    h = torch.randn(5, 4, generator=g)
+    head = torch.randn(vocab, 4, generator=g) * scale
+    _, kl_same = teacher_entropy_and_kl(h, head, h.clone(), temperature=tau, chunk_size=2)
+    _, kl_diff = teacher_entropy_and_kl(h, head, torch.randn(5, 4, generator=g), temperature=tau)
+    assert torch.allclose(kl_same, torch.zeros(5), atol=1e-5)
+    assert (kl_diff >= -1e-6).all()
+    ent = entropy_from_logits(a)
+    assert (ent >= -1e-6).all() and (ent <= math.log(vocab) + 1e-5).all()
+
+
+def test_teacher_kl_applies_the_head_bias_exactly():
+    """A teacher whose LM head has a bias: every rebuilt logit includes it (float64 oracle + gradcheck)."""
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    head = torch.randn(11, 5, generator=g, dtype=torch.float64)
+    bias = torch.randn(11, generator=g, dtype=torch.float64) * 3
+    s2t = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    tau = 2.0
+    ent, kl = teacher_entropy_and_kl(h, head, s2t, temperature=tau, chunk_size=4, teacher_bias=bias)
+    zt, zs = h @ head.T + bias, s2t @ head.T + bias
+    torch.testing.assert_close(ent, entropy_from_logits(zt))
+    torch.testing.assert_close(kl, forward_kl_from_logits(zt, zs, temperature=tau))
+    _, kl_nobias = teacher_entropy_and_kl(h, head, s2t, temperature=tau, chunk_size=4)
+    assert (kl - kl_nobias).abs().max() > 1e-3  # the bias matters here, so dropping it would be caught
+    torch.autograd.gradcheck(
+        lambda x: teacher_entropy_and_kl(h, head, x, temperature=tau, chunk_size=4, teacher_bias=bias)[1],
+        (s2t,),
+    )
+    ent_only, _ = teacher_entropy_and_kl(h, head, teacher_bias=bias)
+    torch.testing.assert_close(ent_only, ent)
+
+
+def test_forward_kl_matches_torch_kl_div():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(3, 4, 17, generator=g), torch.randn(3, 4, 17, generator=g)
+    tau = 2.0
+    ref = F.kl_div(
+        F.log_softmax(b / tau, -1), F.log_softmax(a / tau, -1), log_target=True, reduction="none"
+    ).sum(-1)
+    torch.testing.assert_close(forward_kl_from_logits(a, b, temperature=tau), ref)
+
+
+def test_skewed_reverse_kl_matches_formula():
+    g = torch.Generator().manual_seed(2)
+    q_logits, p_logits = torch.randn(6, 11, generator=g), torch.randn(6, 11, generator=g)
+    p, q = torch.softmax(p_logits / 2, -1), torch.softmax(q_logits / 2, -1)
+    ref = (p * (p.log() - (0.9 * q + 0.1 * p).log())).sum(-1)
+    out = skewed_reverse_kl_from_logits(q_logits, p_logits, temperature=2.0, skew=0.1)
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("which", ["fkl", "srkl", "entropy"])
+def test_masked_positions_contribute_exactly_zero(which):
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 5, 13, generator=g)
+    b = torch.randn(2, 5, 13, generator=g, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0, 1, 0], [0, 0, 0, 0, 1]], dtype=torch.bool)
+
+    def loss(a_, b_):
+        if which == "fkl":
+            out = forward_kl_from_logits(a_, b_, mask, temperature=2.0)
+        elif which == "srkl":
+            out = skewed_reverse_kl_from_logits(a_, b_, mask, temperature=2.0)
+        else:
+            out = entropy_from_logits(b_, mask)
+        return out
+
+    out1 = loss(a, b)
+    assert (out1[~mask] == 0).all()
+    (g1,) = torch.autograd.grad(out1.sum(), b)
+    a2, b2 = a.clone(), b.detach().clone()
+    a2[~mask] = 1e4 * torch.randn_like(a2[~mask])
+    b2[~mask] = -3e4
+    b2.requires_grad_(True)
+    out2 = loss(a2, b2)
+    (g2,) = torch.autograd.grad(out2.sum(), b2)
+    assert torch.equal(out1, out2)
+    assert torch.equal(g1, g2)
+    assert (g1[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, None])
+def test_chunked_teacher_terms_equal_unchunked(chunk):
+    g = torch.Generator().manual_seed(4)
+    n, d, v, tau = 7, 5, 31, 2.0
+    h_t = torch.randn(n, d, generator=g, dtype=torch.bfloat16)  # any float dtype is accepted
+    head = torch.randn(v, d, generator=g)
+    s2t = torch.randn(n, d, generator=g, requires_grad=True)
+    ent, kl = teacher_entropy_and_kl(h_t, head, s2t, temperature=tau, chunk_size=chunk or n)
+    zt = h_t.float() @ head.T
+    ref_ent = -(torch.softmax(zt, -1) * torch.log_softmax(zt, -1)).sum(-1)
+    ref_kl = forward_kl_from_logits(zt, s2t @ head.T, temperature=tau)
+    torch.testing.assert_close(ent, ref_ent)
+    torch.testing.assert_close(kl, ref_kl)
+    w = torch.rand(n, generator=g)
+    (g1,) = torch.autograd.grad((w * kl).sum(), s2t)
+    (g2,) = torch.autograd.grad((w * ref_kl).sum(), s2t)
+    torch.testing.assert_close(g1, g2)
+    ent_only, none = teacher_entropy_and_kl(h_t, head, None, chunk_size=chunk or n)
+    assert none is None
+    torch.testing.assert_close(ent_only, ref_ent)
+
+
+def test_objective_invariant_to_teacher_chunk_size():
+    t = make_tensors()
+    proj = make_projectors()
+    totals = [
+        run(dataclasses.replace(PRESETS["dwa_kd"], teacher_chunk_size=c), t, proj).total
+        for c in (1, 3, 10_000)
+    ]
+    torch.testing.assert_close(totals[0], totals[1])
+    torch.testing.assert_close(totals[0], totals[2])
+
+
+def test_chunked_teacher_kl_gradcheck():
+    g = torch.Generator().manual_seed(5)
+    h_t = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    head = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    s2t = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x: teacher_entropy_and_kl(h_t, head, x, temperature=2.0, chunk_size=2)[1], (s2t,)
+    )
