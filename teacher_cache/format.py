@@ -1,4 +1,4 @@
-"""Cache format v1: the column table, the Arrow schema derived from it, hidden-state codecs, rows in and out.
+"""Cache format v2 (reads v1): the column table, the Arrow schema derived from it, hidden-state codecs, rows in and out.
 
 The full contract is documented in docs/CACHE_FORMAT.md; this module is its single implementation. Every
 column of a shard is one row of :data:`COLUMNS`; the schema, the shard writer (:func:`build_table`), the
@@ -9,14 +9,22 @@ state after reading ``input_ids[0..t]``, i.e. the state that predicts ``input_id
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest version this code writes
+READABLE_VERSIONS = (1, 2)
+
+
+def schema_version(layers: tuple[int, ...]) -> int:
+    """A cache of the final state only is written as v1 (readable by v1 readers); intermediate layers make v2."""
+    return 2 if layers else 1
+
+
 FORMAT_NAME = "xtokd-teacher-cache"
 MANIFEST = "manifest.json"
 JOB_STATE = "job_state.json"
@@ -45,10 +53,18 @@ class Layout:
     hidden_size: int
     top_k: int
     hidden_dtype: str
+    layers: tuple[int, ...] = ()  # intermediate teacher layers stored besides the final state (v2)
 
     def __post_init__(self):
         if self.hidden_dtype not in HIDDEN_DTYPES:
             raise ValueError(f"hidden dtype must be one of {HIDDEN_DTYPES}, got {self.hidden_dtype!r}")
+        if any(n < 0 for n in self.layers) or len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"intermediate layers must be distinct indices >= 0, got {list(self.layers)}")
+
+
+def layer_column(layer: int) -> str:
+    """The column of teacher layer ``layer`` (HF ``hidden_states[layer]``: 0 = embeddings output)."""
+    return f"hidden_layer_{layer}"
 
 
 @dataclass(frozen=True)
@@ -108,9 +124,14 @@ COLUMNS: tuple[Column, ...] = (
 
 
 def columns(layout: Layout) -> list[Column]:
-    """The columns of a shard with this layout, in schema order (int8 hidden columns bring their scales)."""
+    """The columns of a shard with this layout, in schema order: the table, then one hidden column per
+    intermediate layer; every int8 hidden column brings its per-token scale column."""
+    layer_cols = [
+        Column(layer_column(n), "position", "hidden", "hidden_size", large=True, doc=f"teacher layer {n}")
+        for n in layout.layers
+    ]
     out = []
-    for c in COLUMNS:
+    for c in [*COLUMNS, *layer_cols]:
         out.append(c)
         if c.dtype == "hidden" and layout.hidden_dtype == "int8":
             out.append(Column(f"{c.name}_scale", c.per, "float32", doc=f"per-token scale of {c.name}"))
@@ -121,7 +142,7 @@ def schema(layout: Layout) -> pa.Schema:
     """The Arrow schema of one shard for the given layout (see docs/CACHE_FORMAT.md)."""
     meta = {
         b"format": FORMAT_NAME.encode(),
-        b"schema_version": str(SCHEMA_VERSION).encode(),
+        b"schema_version": str(schema_version(layout.layers)).encode(),
         b"hidden_dtype": layout.hidden_dtype.encode(),
     }
     return pa.schema(
@@ -171,7 +192,9 @@ def decode_hidden(values: np.ndarray, scale: np.ndarray | None, hidden_dtype: st
 def encode_positions(name: str, values: torch.Tensor, layout: Layout) -> dict[str, np.ndarray]:
     """The stored array(s) of per-position column ``name`` from a ``[P, ...]`` tensor (a hidden column
     becomes its values and, for int8, its ``<name>_scale``)."""
-    col = next(c for c in COLUMNS if c.name == name)
+    col = next((c for c in columns(layout) if c.name == name), None)
+    if col is None:
+        raise ValueError(f"no column {name!r} in a cache with layers {list(layout.layers)}")
     if col.dtype == "hidden":
         stored, scale = encode_hidden(values, layout.hidden_dtype)
         return {name: stored} if scale is None else {name: stored, f"{name}_scale": scale}
@@ -192,6 +215,8 @@ class CachedRow:
         hidden: ``[P, d_T]`` float32 final hidden states (decoded from the stored dtype).
         topk_ids, topk_logprobs: ``[P, k]`` top-k next-token ids and log-probs (temperature 1).
         logsumexp, entropy: ``[P]`` of the full next-token distribution at temperature 1.
+        layers: ``{layer: [P, d_T] float32}`` the intermediate teacher layers the cache holds (v2; empty
+            for a cache of the final state only).
     """
 
     sample_id: str
@@ -206,9 +231,12 @@ class CachedRow:
     topk_logprobs: np.ndarray
     logsumexp: np.ndarray
     entropy: np.ndarray
+    layers: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-assert {f.name for f in fields(CachedRow)} == {c.name for c in COLUMNS}, "CachedRow must mirror COLUMNS"
+assert {f.name for f in fields(CachedRow)} - {"layers"} == {c.name for c in COLUMNS}, (
+    "CachedRow must mirror COLUMNS"
+)
 
 
 def _list_array(col: Column, layout: Layout, arrays: list[np.ndarray]) -> pa.Array:
@@ -264,10 +292,12 @@ def _cell(column: pa.Array | pa.ChunkedArray, col: Column, layout: Layout, i: in
 
 def decode_row(batch: pa.RecordBatch, i: int, layout: Layout) -> CachedRow:
     """Decode row ``i`` of a shard record batch into a :class:`CachedRow` (hidden states as float32)."""
-    raw = {c.name: _cell(batch.column(c.name), c, layout, i) for c in columns(layout)}
-    for col in COLUMNS:
+    cols = columns(layout)
+    raw = {c.name: _cell(batch.column(c.name), c, layout, i) for c in cols}
+    for col in cols:
         if col.dtype == "hidden":
             raw[col.name] = decode_hidden(
                 raw[col.name], raw.pop(f"{col.name}_scale", None), layout.hidden_dtype
             )
+    raw["layers"] = {n: raw.pop(layer_column(n)) for n in layout.layers}
     return CachedRow(**raw)

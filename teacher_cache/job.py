@@ -28,7 +28,7 @@ import numpy as np
 from pipeline.config import config_hash, describe, field, load_config
 from pipeline.records import DataConfig, ReadStats, Record, read_records, records_fingerprint
 from teacher_cache import storage
-from teacher_cache.format import HIDDEN_DTYPES, JOB_STATE, MANIFEST, SCHEMA_VERSION, SHARD_DIR, TEACHER_INFO
+from teacher_cache.format import HIDDEN_DTYPES, JOB_STATE, MANIFEST, SHARD_DIR, TEACHER_INFO, schema_version
 from teacher_cache.manifest import CacheError, Manifest, Settings, build_manifest, parse_manifest
 from teacher_cache.teacher import TeacherConfig
 from teacher_cache.writer import (
@@ -50,6 +50,11 @@ class CacheSettings:
     top_k: int = field(16, help="top-k next-token log-probs stored per position")
     hidden_dtype: str = field("bfloat16", help=f"storage dtype of hidden states: one of {HIDDEN_DTYPES}")
     rows_per_shard: int = field(128, help="samples per Arrow shard")
+    layers: list[int] = field(
+        default_factory=lambda: [-1],
+        help="teacher layers to store: -1 the final normed state (always stored), n >= 0 HF hidden_states[n] "
+        "(0 = embeddings output, n = after block n), e.g. [8,16,-1]; intermediate layers make a v2 cache",
+    )
     head_chunk: int = field(
         256, help="positions per chunk when applying the LM head (bounds memory to chunk x V)"
     )
@@ -63,6 +68,11 @@ class CacheSettings:
         if not 1 <= self.max_prompt_length < self.max_length:
             raise ValueError(
                 f"need 1 <= cache.max_prompt_length < cache.max_length, got {self.max_prompt_length}, {self.max_length}"
+            )
+        if -1 not in self.layers or len(set(self.layers)) != len(self.layers) or min(self.layers) < -1:
+            raise ValueError(
+                f"cache.layers must list distinct layers, -1 (the final state) among them and the others >= 0; "
+                f"got {self.layers}"
             )
         for name in ("top_k", "rows_per_shard", "head_chunk"):
             if getattr(self, name) < 1:
@@ -149,6 +159,7 @@ class TeacherForward:
         teacher: TeacherConfig,
         top_k: int,
         hidden_dtype: str,
+        layers: tuple[int, ...],
         head_chunk: int,
         threads: int,
         uri: str,
@@ -157,7 +168,7 @@ class TeacherForward:
         import torch
 
         from teacher_cache.format import Layout
-        from teacher_cache.teacher import load_teacher
+        from teacher_cache.teacher import check_layers, load_teacher
         from teacher_cache.writer import describe_loaded
 
         torch.set_num_threads(max(1, threads))
@@ -165,7 +176,8 @@ class TeacherForward:
         # the teacher is described (probe check, head/embedding files, fingerprint) by the copy that
         # serves the forward, so the job loads it once, not twice
         facts = describe_loaded(model, teacher, uri, probe_ids)
-        self.layout = Layout(facts["hidden_size"], top_k, hidden_dtype)
+        check_layers(tuple(layers), int(model.config.num_hidden_layers))
+        self.layout = Layout(facts["hidden_size"], top_k, hidden_dtype, tuple(layers))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = model.to(self.device)
         self.head_chunk = head_chunk
@@ -173,7 +185,7 @@ class TeacherForward:
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        from teacher_cache.format import columns, encode_positions
+        from teacher_cache.format import columns, encode_positions, layer_column
         from teacher_cache.teacher import teacher_forward
 
         seqs = list(batch["input_ids"])
@@ -184,15 +196,19 @@ class TeacherForward:
             x[i, : pos[i]] = torch.from_numpy(np.asarray(s[:-1], dtype=np.int64))
             mask[i, : pos[i]] = 1
         out = teacher_forward(
-            self.model, x.to(self.device), mask.to(self.device), self.layout.top_k, self.head_chunk
+            self.model,
+            x.to(self.device),
+            mask.to(self.device),
+            self.layout.top_k,
+            self.head_chunk,
+            self.layout.layers,
         )
         cols: dict[str, list] = {}
+        computed = {**vars(out), **{layer_column(n): h for n, h in out.layers.items()}}
         for c in columns(self.layout):
-            if c.per == "position" and hasattr(out, c.name):
+            if c.per == "position" and c.name in computed:
                 for i, p in enumerate(pos):
-                    for name, arr in encode_positions(
-                        c.name, getattr(out, c.name)[i, :p], self.layout
-                    ).items():
+                    for name, arr in encode_positions(c.name, computed[c.name][i, :p], self.layout).items():
                         cols.setdefault(name, []).append(arr)
         res = dict(batch)
         res.update({k: _ragged(v) for k, v in cols.items()})
@@ -215,10 +231,18 @@ def _plain(value):
 class ShardWriter:
     """Stage 3: collects rows per shard and writes each shard as soon as all its rows have arrived."""
 
-    def __init__(self, uri: str, shard_rows: dict[int, int], top_k: int, hidden_dtype: str, job_fp: str):
+    def __init__(
+        self,
+        uri: str,
+        shard_rows: dict[int, int],
+        top_k: int,
+        hidden_dtype: str,
+        layers: tuple[int, ...],
+        job_fp: str,
+    ):
         self.uri, self.expected = uri, {int(k): v for k, v in shard_rows.items()}
         # the hidden width is learnt from the first row: the teacher is only described inside its actors
-        self.top_k, self.hidden_dtype, self.fp = top_k, hidden_dtype, job_fp
+        self.top_k, self.hidden_dtype, self.layers, self.fp = top_k, hidden_dtype, tuple(layers), job_fp
         self.pending: dict[int, list[dict]] = {}
 
     def __call__(self, batch: dict) -> dict:
@@ -227,7 +251,7 @@ class ShardWriter:
 
         done = []
         for i in range(len(batch["sample_id"])):
-            layout = Layout(int(batch["hidden"][i].shape[1]), self.top_k, self.hidden_dtype)
+            layout = Layout(int(batch["hidden"][i].shape[1]), self.top_k, self.hidden_dtype, self.layers)
             row = {c.name: _plain(batch[c.name][i]) for c in columns(layout)}
             row.update(
                 truncated_prompt=bool(batch["truncated_prompt"][i]),
@@ -258,6 +282,9 @@ def job_fingerprint(cfg: CacheJobConfig, records_fp: str, tokenizer_sha: str) ->
     settings = {
         k: v for k, v in vars(cfg.cache).items() if k not in ("output", "verify_existing", "head_chunk")
     }
+    extra = intermediate_layers(cfg.cache)
+    if not extra:  # a final-state-only cache is the v1 cache it always was: same identity
+        settings.pop("layers")
     teacher = {k: v for k, v in vars(cfg.teacher).items()}
     return config_hash(
         {
@@ -265,9 +292,14 @@ def job_fingerprint(cfg: CacheJobConfig, records_fp: str, tokenizer_sha: str) ->
             "tokenizer": tokenizer_sha,
             "teacher": teacher,
             "settings": settings,
-            "schema": SCHEMA_VERSION,
+            "schema": schema_version(extra),
         }
     )
+
+
+def intermediate_layers(cache: CacheSettings) -> tuple[int, ...]:
+    """The layers stored besides the final state, ascending."""
+    return tuple(sorted(n for n in cache.layers if n != -1))
 
 
 def _init_ray(cfg: RayConfig):
@@ -323,7 +355,7 @@ def check_resources(ray, cfg: RayConfig) -> None:
 def run(cfg: CacheJobConfig, *, progress: bool = True) -> Manifest:
     """Build (or complete) the cache described by ``cfg``; returns the manifest."""
     from pipeline.tokenize import eos_id_of
-    from teacher_cache.teacher import load_tokenizer, tokenizer_fingerprint
+    from teacher_cache.teacher import check_layers, load_tokenizer, teacher_depth, tokenizer_fingerprint
 
     t0 = time.time()
     uri = cfg.cache.output
@@ -335,6 +367,8 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> Manifest:
             f"{cfg.data.path}: no usable records (read {stats.read}, empty {stats.skipped_empty})"
         )
     rec_fp = records_fingerprint(records)
+    if intermediate_layers(cfg.cache):  # before any actor starts: the config says how deep the teacher is
+        check_layers(intermediate_layers(cfg.cache), teacher_depth(cfg.teacher))
     tok = load_tokenizer(cfg.teacher)
     eos = eos_id_of(tok, cfg.teacher.eos_token)
     tok_facts = tokenizer_fingerprint(tok, eos)
@@ -441,6 +475,7 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> Manifest:
                 "teacher": cfg.teacher,
                 "top_k": cfg.cache.top_k,
                 "hidden_dtype": cfg.cache.hidden_dtype,
+                "layers": intermediate_layers(cfg.cache),
                 "head_chunk": cfg.cache.head_chunk,
                 "threads": int(max(1, cfg.ray.cpus_per_actor)),
                 "uri": uri,
@@ -458,6 +493,7 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> Manifest:
                 "shard_rows": shard_rows,
                 "top_k": cfg.cache.top_k,
                 "hidden_dtype": cfg.cache.hidden_dtype,
+                "layers": intermediate_layers(cfg.cache),
                 "job_fp": fp,
             },
             batch_size=cfg.ray.batch_size,
@@ -490,6 +526,7 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> Manifest:
         top_k=cfg.cache.top_k,
         hidden_dtype=cfg.cache.hidden_dtype,
         rows_per_shard=cfg.cache.rows_per_shard,
+        layers=(-1, *intermediate_layers(cfg.cache)) if intermediate_layers(cfg.cache) else ("final",),
     )
     source = {
         "path": cfg.data.path,

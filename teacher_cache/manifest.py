@@ -19,9 +19,9 @@ from teacher_cache.format import (
     FORMAT_NAME,
     HIDDEN_DTYPES,
     MANIFEST,
-    SCHEMA_VERSION,
     SHARD_DIR,
     Layout,
+    schema_version,
 )
 
 
@@ -58,7 +58,7 @@ class Settings:
     top_k: int
     hidden_dtype: str
     rows_per_shard: int
-    layers: tuple = ("final",)
+    layers: tuple = (-1,)  # teacher layers stored: -1 the final (normed) state, n >= 0 hidden_states[n]
     positions: str = "P = L - 1 per row; position t predicts input_ids[t + 1]"
 
 
@@ -100,7 +100,8 @@ class Manifest:
     @property
     def layout(self) -> Layout:
         """The column layout of every shard of this cache."""
-        return Layout(self.teacher["hidden_size"], self.settings.top_k, self.settings.hidden_dtype)
+        extra = tuple(n for n in self.settings.layers if n not in (-1, "final"))
+        return Layout(self.teacher["hidden_size"], self.settings.top_k, self.settings.hidden_dtype, extra)
 
     @property
     def eos_id(self) -> int:
@@ -147,6 +148,24 @@ _POSITIVE = (lambda v: v > 0, "must be > 0")
 _COUNT = (lambda v: v >= 0, "must be >= 0")
 
 
+def _layers(uri: str, settings: dict) -> tuple:
+    """``settings.layers``: v1 writes ``["final"]`` (kept as written), v2 a list of distinct ints, -1 first."""
+    layers = settings.get("layers", ["final"])
+    if layers == ["final"]:
+        return ("final",)
+    ok = (
+        isinstance(layers, list)
+        and layers[:1] == [-1]
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in layers[1:])
+        and len(set(layers)) == len(layers)
+    )
+    if not ok:
+        _fail(
+            uri, "settings.layers", f"is {layers!r}: expected [-1, n, ...] with distinct layer indices n >= 0"
+        )
+    return tuple(layers)
+
+
 def parse_manifest(raw: Any, uri: str) -> Manifest:
     """Validate ``raw`` (the parsed JSON) and return its typed form; one :class:`CacheError` naming the field.
 
@@ -178,7 +197,7 @@ def parse_manifest(raw: Any, uri: str) -> Manifest:
             uri, s, "settings.hidden_dtype", str, lambda v: v in HIDDEN_DTYPES, f"not one of {HIDDEN_DTYPES}"
         ),
         rows_per_shard=int(s.get("rows_per_shard", 0)),
-        layers=tuple(s.get("layers", ("final",))),
+        layers=_layers(uri, s),
     )
     st = _need(uri, raw, "stats", dict)
     rows = _need(uri, st, "stats.rows", int, *_COUNT)
@@ -254,10 +273,11 @@ def build_manifest(
     shards = tuple(ShardEntry(**{k: e[k] for k in ShardEntry.__dataclass_fields__}) for e in shard_entries)
     total_bytes = sum(e.bytes for e in shards)
     positions = sum(e.positions for e in shards)
-    hidden_bytes = teacher_info["hidden_size"] * BYTES_PER_VALUE[settings.hidden_dtype]
+    stored = len(settings.layers)  # the final state and each intermediate layer
+    hidden_bytes = stored * teacher_info["hidden_size"] * BYTES_PER_VALUE[settings.hidden_dtype]
     return Manifest(
         format=FORMAT_NAME,
-        schema_version=SCHEMA_VERSION,
+        schema_version=schema_version(tuple(n for n in settings.layers if n not in (-1, "final"))),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(),
         job_fingerprint=fingerprint,
         teacher=teacher_info,
@@ -272,7 +292,7 @@ def build_manifest(
             truncated_total=sum(e["truncated_total"] for e in shard_entries),
             bytes=total_bytes,
             bytes_per_position=total_bytes / max(1, positions),
-            hidden_bytes_per_position=hidden_bytes + (4 if settings.hidden_dtype == "int8" else 0),
+            hidden_bytes_per_position=hidden_bytes + (4 * stored if settings.hidden_dtype == "int8" else 0),
             dense_fp16_logits_bytes_per_position=2 * teacher_info["head_rows"],
             job_seconds=round(seconds, 2),
         ),

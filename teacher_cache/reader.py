@@ -16,7 +16,7 @@ from teacher_cache.format import (
     FORMAT_NAME,
     HEAD_FILE,
     MANIFEST,
-    SCHEMA_VERSION,
+    READABLE_VERSIONS,
     SHARD_DIR,
     TOKENIZER_DIR,
     CachedRow,
@@ -37,23 +37,25 @@ class CacheExpectation:
         teacher_weights: the teacher weights fingerprint (``manifest.teacher.weights_fingerprint``).
         tokenizer_sha256: the teacher tokenizer fingerprint (``manifest.tokenizer.sha256``).
         hidden_size: teacher hidden width.
-        schema_version: defaults to the version this code reads.
+        schema_version: a required version; ``None`` accepts every version this code reads.
     """
 
     teacher_name: str | None = None
     teacher_weights: str | None = None
     tokenizer_sha256: str | None = None
     hidden_size: int | None = None
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int | None = None
+    layers: tuple[int, ...] = ()  # intermediate teacher layers the caller needs (v2)
 
 
 def _check(manifest: Manifest, expect: CacheExpectation, uri: str) -> None:
     found_version = manifest.schema_version
     if manifest.format != FORMAT_NAME:
         raise CacheError(f"{uri}: manifest format is {manifest.format!r}, expected {FORMAT_NAME!r}")
-    if found_version != expect.schema_version:
+    readable = READABLE_VERSIONS if expect.schema_version is None else (expect.schema_version,)
+    if found_version not in readable:
         raise CacheError(
-            f"{uri}: cache schema version {found_version} but this code reads version {expect.schema_version}; "
+            f"{uri}: cache schema version {found_version} but this code reads version(s) {list(readable)}; "
             "rebuild the cache with this version of teacher_cache.job or use a matching release"
         )
     checks = [
@@ -62,6 +64,13 @@ def _check(manifest: Manifest, expect: CacheExpectation, uri: str) -> None:
         ("teacher tokenizer", manifest.tokenizer.get("sha256"), expect.tokenizer_sha256, "teacher tokenizer"),
         ("teacher hidden size", manifest.teacher.get("hidden_size"), expect.hidden_size, "teacher"),
     ]
+    missing = [n for n in expect.layers if n not in manifest.layout.layers]
+    if missing:
+        raise CacheError(
+            f"{uri}: the objective needs teacher layer(s) {missing}, but this cache holds the final state (-1)"
+            f"{' and layers ' + str(list(manifest.layout.layers)) if manifest.layout.layers else ' only'}; "
+            "rebuild the cache with cache.layers=[...] listing them, or choose layers it has"
+        )
     for what, found, expected, knob in checks:
         if expected is not None and found != expected:
             raise CacheError(

@@ -6,6 +6,7 @@ student job never imports this module's loader.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -83,6 +84,28 @@ def load_tokenizer(cfg: TeacherConfig):
     return AutoTokenizer.from_pretrained(path, **kw)
 
 
+def teacher_depth(cfg: TeacherConfig) -> int:
+    """The teacher's number of blocks from its config alone (no weights are read)."""
+    from transformers import AutoConfig
+
+    kw = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.gguf_file:
+        kw["gguf_file"] = cfg.gguf_file
+    conf = AutoConfig.from_pretrained(resolve_path(cfg.path), **kw)
+    return int(getattr(conf, "num_hidden_layers", None) or conf.n_layer)
+
+
+def check_layers(layers: tuple[int, ...], depth: int) -> None:
+    """Intermediate layers are HF ``hidden_states`` indices ``0..depth-1`` (``depth`` is the final normed state,
+    which the cache stores as ``-1``)."""
+    bad = [n for n in layers if not 0 <= n < depth]
+    if bad:
+        raise TeacherError(
+            f"cache.layers: {bad} out of range; this teacher has {depth} blocks, so intermediate layers are "
+            f"0..{depth - 1} (0 = the embeddings' output, n = after block n) and -1 is its final normed state"
+        )
+
+
 def load_teacher(cfg: TeacherConfig):
     """Load the teacher model (eval mode, no grad) by path, hub id or GGUF file."""
     from transformers import AutoModelForCausalLM
@@ -145,6 +168,7 @@ class TeacherOutputs:
         hidden: ``[B, P, d]`` final hidden states (after the final norm), model dtype.
         topk_ids: ``[B, P, k]`` int64; topk_logprobs ``[B, P, k]`` float32.
         logsumexp, entropy: ``[B, P]`` float32 at temperature 1.
+        layers: ``{n: [B, P, d]}`` HF ``hidden_states[n]`` of the intermediate layers asked for.
     """
 
     hidden: torch.Tensor
@@ -152,6 +176,7 @@ class TeacherOutputs:
     topk_logprobs: torch.Tensor
     logsumexp: torch.Tensor
     entropy: torch.Tensor
+    layers: dict = dataclasses.field(default_factory=dict)
 
 
 def head_stats(
@@ -188,19 +213,28 @@ def head_stats(
 
 @torch.no_grad()
 def teacher_forward(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, top_k: int, chunk: int = 256
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    top_k: int,
+    chunk: int = 256,
+    layers: tuple[int, ...] = (),
 ):
     """Run the teacher's decoder stack and derive the cached statistics from hidden x head.
 
     Args:
         input_ids: ``[B, P]`` right-padded teacher inputs (the sequence without its last token).
         attention_mask: ``[B, P]`` 1 for real tokens.
+        layers: intermediate layers to return besides the final state (HF ``hidden_states`` indices).
 
     Returns:
         :class:`TeacherOutputs` (padded positions hold zeros in the head statistics and garbage in
         ``hidden``; callers slice by length).
     """
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    base = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=bool(layers)
+    )
+    hidden = base.last_hidden_state
     head = model.get_output_embeddings()
     bsz, p, d = hidden.shape
     # the vocabulary-sized work runs on real positions only (padding is often a third of a batch)
@@ -220,6 +254,7 @@ def teacher_forward(
         topk_logprobs=scatter(lps, (top_k,)),
         logsumexp=scatter(lse, ()),
         entropy=scatter(ent, ()),
+        layers={n: base.hidden_states[n] for n in layers},
     )
 
 

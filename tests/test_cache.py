@@ -115,8 +115,10 @@ def test_hidden_dtype_fidelity(tiny_llama_dir, dtype, max_kl):
     assert set(HIDDEN_DTYPES) == {"float32", "float16", "bfloat16", "int8"}
 
 
-@pytest.mark.parametrize("dtype", HIDDEN_DTYPES)
-def test_column_table_round_trip(dtype):
+@pytest.mark.parametrize(
+    "dtype,layers", [(d, ()) for d in HIDDEN_DTYPES] + [("int8", (0, 3)), ("bfloat16", (2,))]
+)
+def test_column_table_round_trip(dtype, layers):
     """Rows -> Arrow table -> decoded rows through the one column table, for every hidden dtype; a row whose
     array has the wrong length or width is refused naming the column."""
     from teacher_cache.format import (
@@ -126,14 +128,16 @@ def test_column_table_round_trip(dtype):
         columns,
         decode_row,
         encode_positions,
+        layer_column,
         schema,
     )
 
-    layout = Layout(hidden_size=6, top_k=3, hidden_dtype=dtype)
+    layout = Layout(hidden_size=6, top_k=3, hidden_dtype=dtype, layers=layers)
     rng = np.random.default_rng(0)
     rows = []
     for n in (4, 2, 7):
         h = torch.from_numpy(rng.normal(size=(n - 1, 6)).astype(np.float32))
+        per_layer = {k: torch.from_numpy(rng.normal(size=(n - 1, 6)).astype(np.float32)) for k in layers}
         rows.append(
             {
                 "sample_id": f"id{n}",
@@ -149,12 +153,16 @@ def test_column_table_round_trip(dtype):
                 "logsumexp": rng.normal(size=n - 1).astype(np.float32),
                 "entropy": rng.random(n - 1).astype(np.float32),
                 "_h": h,
+                "_layers": per_layer,
             }
         )
+        for k, v in per_layer.items():
+            rows[-1].update(encode_positions(layer_column(k), v, layout))
     table = build_table(rows, layout)
     assert table.schema.equals(schema(layout), check_metadata=True)
     assert [f.name for f in table.schema] == [c.name for c in columns(layout)]
     assert ("hidden_scale" in table.schema.names) == (dtype == "int8")
+    assert table.schema.metadata[b"schema_version"] == (b"2" if layers else b"1")
     batch = table.to_batches()[0]
     for i, r in enumerate(rows):
         got = decode_row(batch, i, layout)
@@ -163,12 +171,64 @@ def test_column_table_round_trip(dtype):
                 np.testing.assert_array_equal(np.asarray(getattr(got, c.name)), np.asarray(r[c.name]))
         tol = {"float32": 0, "float16": 1e-3, "bfloat16": 1e-2, "int8": 3e-2}[dtype]
         assert (got.hidden - r["_h"]).abs().max().item() <= tol * max(1.0, r["_h"].abs().max().item())
+        assert sorted(got.layers) == sorted(layers)
+        for k, v in r["_layers"].items():
+            assert (got.layers[k] - v).abs().max().item() <= tol * max(1.0, v.abs().max().item())
     bad = dict(rows[0], topk_ids=rows[0]["topk_ids"][:, :2])
     with pytest.raises(ValueError, match=r"row id4: column topk_ids has shape \(3, 2\), expected \(3, 3\)"):
         build_table([bad], layout)
     bad = dict(rows[0], entropy=rows[0]["entropy"][:-1])
     with pytest.raises(ValueError, match=r"column entropy has shape \(2,\), expected \(3,\)"):
         build_table([bad], layout)
+
+
+@pytest.mark.slow
+def test_v2_cache_stores_chosen_layers_and_trains_a_student(
+    ray_session, tmp_path, synthetic_jsonl, tiny_llama_dir, gpt2_tokenizer
+):
+    """cache.layers=[1,0,-1]: each layer stored once per position and equal to the live teacher's
+    hidden_states[n]; the manifest records them; a reader asking for a layer the cache lacks is told which it
+    has; the student job trains from the v2 cache (no teacher model); a layer the teacher lacks is refused
+    before any actor starts."""
+    from pipeline.tiny import save_tiny_model
+
+    out = tmp_path / "v2"
+    cfg = _cfg(synthetic_jsonl, tiny_llama_dir, out, "cache.hidden_dtype=float32", "cache.layers=[1,0,-1]")
+    manifest = run(cfg, progress=False)
+    assert manifest.schema_version == 2 and manifest.settings.layers == (-1, 0, 1)
+    d = manifest.teacher["hidden_size"]
+    assert manifest.stats.hidden_bytes_per_position == 3 * d * 4
+    cache = open_cache(str(out), expect=CacheExpectation(layers=(0, 1)))
+    model = load_teacher(TeacherConfig(path=str(tiny_llama_dir)))
+    for row in list(cache.iter_rows())[:3]:
+        with torch.no_grad():
+            live = model(
+                torch.from_numpy(row.input_ids[None, :-1].astype(np.int64)), output_hidden_states=True
+            )
+        assert sorted(row.layers) == [0, 1]
+        for n in (0, 1):
+            assert (row.layers[n] - live.hidden_states[n][0].float()).abs().max().item() < 1e-5
+        assert (row.hidden - live.hidden_states[-1][0].float()).abs().max().item() < 1e-5
+    with pytest.raises(
+        CacheError,
+        match=r"needs teacher layer\(s\) \[5\], but this cache holds the final state \(-1\) and layers \[0, 1\]",
+    ):
+        open_cache(str(out), expect=CacheExpectation(layers=(0, 5)))
+    with pytest.raises(TeacherError, match=r"\[7\] out of range; this teacher has 2 blocks"):
+        run(_cfg(synthetic_jsonl, tiny_llama_dir, tmp_path / "bad", "cache.layers=[7,-1]"), progress=False)
+    assert not (tmp_path / "bad" / "shards").exists()
+
+    student = save_tiny_model(tmp_path / "student", "gpt2", gpt2_tokenizer, hidden=32)
+    args = [
+        sys.executable, "tests/_student_probe.py", "--no-progress", f"student.path={student}",
+        "student.pad_token=eos", f"data.cache={out}", "train.precision=fp32", "train.zero_stage=0",
+        "train.micro_batch=4", "train.max_steps=2", f"output.dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    probe = json.loads((tmp_path / "run" / "probe.json").read_text())
+    assert probe["teacher_loader_imported"] is False and probe["ray_imported"] is False
 
 
 def test_manifest_parses_to_its_typed_form_and_back(llama_cache):
@@ -312,7 +372,7 @@ def test_damaged_caches_give_clear_errors(llama_cache, tmp_path):
     m = json.loads((bad / MANIFEST).read_text())
     m["schema_version"] = 99
     (bad / MANIFEST).write_text(json.dumps(m))
-    with pytest.raises(CacheError, match="schema version 99 but this code reads version 1"):
+    with pytest.raises(CacheError, match=r"schema version 99 but this code reads version\(s\) \[1, 2\]"):
         open_cache(str(bad))
     (bad / MANIFEST).unlink()
     with pytest.raises(CacheError, match="no manifest.json; the cache job has not finished"):
