@@ -169,7 +169,10 @@ def main() -> int:
     tokens = sum(b.num_label_tokens for b in batches)
 
     head, emb = cache.load_head()[0].float(), cache.load_embeddings().float()
-    proj = Projectors(args.student_hidden, cache.hidden_size)
+    kq_hidden = next(
+        (c.ga_hidden for c in cfgs.values() if c.ga_enabled), None
+    )  # DSKD-CMA-GA's discriminator
+    proj = Projectors(args.student_hidden, cache.hidden_size, kq_hidden=kq_hidden)
     sft = Distiller(student, None, ObjectiveConfig.preset("sft"))
     mined_map = tuple(torch.from_numpy(a) for a in mined.image()) if mined is not None else None
     kd = {

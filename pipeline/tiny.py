@@ -191,28 +191,19 @@ def tiny_causal_lm(
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig
 
     torch.manual_seed(seed)
+    decoder = dict(  # the shared shape of the tiny Llama / Mistral decoders
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
     if arch == "llama":
-        conf = LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            tie_word_embeddings=False,
-        )
+        conf = LlamaConfig(**decoder, tie_word_embeddings=False)
     elif arch == "mistral":
-        conf = MistralConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            sliding_window=None,
-        )
+        conf = MistralConfig(**decoder, sliding_window=None)
     elif arch == "gpt2":
         conf = GPT2Config(
             vocab_size=vocab_size,

@@ -261,7 +261,10 @@ def build_distiller(cfg: TrainConfig, objective, student: nn.Module, cache, mine
     projectors = t_head = t_bias = t_emb = None
     if objective.needs_projectors:
         d_s = student.get_input_embeddings().weight.shape[1]
-        projectors = Projectors(d_s, cache.hidden_size, dtw_embed=objective.dtw_enabled)
+        kq_hidden = objective.ga_hidden if objective.ga_enabled else None
+        projectors = Projectors(d_s, cache.hidden_size, dtw_embed=objective.dtw_enabled, kq_hidden=kq_hidden)
+        if kq_hidden is not None and not objective.ga_train_discriminator:
+            projectors.kq_discriminator.requires_grad_(False)  # DSKD-KQ's code: never in the optimizer
         t_emb = cache.load_embeddings().float()
     if objective.needs_teacher_head:
         t_head, t_bias = cache.load_head()  # the bias, when the teacher's head has one, is applied too

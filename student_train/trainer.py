@@ -278,7 +278,8 @@ def make_optimizer(cfg, distiller, total_steps: int):
     """AdamW over the trainable student parameters and (own LR) the projectors; warm-up + cosine LR."""
     groups = [{"params": [p for p in distiller.student.parameters() if p.requires_grad], "lr": cfg.optim.lr}]
     if distiller.projectors is not None:
-        groups.append({"params": list(distiller.projectors.parameters()), "lr": cfg.optim.projector_lr})
+        params = [p for p in distiller.projectors.parameters() if p.requires_grad]
+        groups.append({"params": params, "lr": cfg.optim.projector_lr})
     opt = torch.optim.AdamW(
         groups,
         lr=cfg.optim.lr,

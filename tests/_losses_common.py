@@ -92,9 +92,9 @@ def make_tensors(
     return t
 
 
-def make_projectors(d_s=6, d_t=10, dtype=torch.float32, seed=0):
+def make_projectors(d_s=6, d_t=10, dtype=torch.float32, seed=0, kq_hidden=None):
     torch.manual_seed(seed)
-    return Projectors(d_s, d_t).to(dtype)
+    return Projectors(d_s, d_t, kq_hidden=kq_hidden).to(dtype)
 
 
 def run(cfg, tensors, projectors):

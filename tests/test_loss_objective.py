@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from _losses_common import _soft_dtw_kernel, make_projectors, make_tensors, reference_kernel, run  # noqa: F401
 
 from student_train.losses.cma import Projectors, cross_model_attention, formal_ids
+from student_train.losses.config import TERMS
 from student_train.losses.divergences import (
     entropy_from_logits,
     teacher_entropy_and_kl,
@@ -33,7 +34,7 @@ def test_presets_build_and_run(name):
     cfg = ObjectiveConfig.preset(name)
     assert cfg.method == name
     t = make_tensors()
-    proj = make_projectors()
+    proj = make_projectors(kq_hidden=cfg.ga_hidden if cfg.ga_enabled else None)
     out = run(cfg, t, proj)
     assert out.total.dim() == 0 and torch.isfinite(out.total)
     assert set(out.terms) == set(TERM_NAMES)
@@ -49,7 +50,9 @@ def test_presets_build_and_run(name):
         cfg.lambda_ce * out.terms["ce"]
         + cfg.lambda_kd * (out.terms["proj_ce"] + out.terms["kd_student"] + out.terms["kd_teacher"])
         + cfg.lambda_dtw * (out.terms["dtw_hidden"] + out.terms["dtw_embed"])
+        + cfg.lambda_ga * out.terms["kq_adversarial"]
     )
+    assert (out.terms["kq_adversarial"] > 0) == cfg.ga_enabled
     assert out.terms["logit_kd"] == 0
     torch.testing.assert_close(out.total.detach(), expected)
     assert int(out.counts["student_tokens"]) == int(t["student_labels"].ne(-100).sum())
@@ -444,7 +447,11 @@ def test_end_to_end_with_tiny_hf_models():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     assert all(p.grad is None for p in teacher.parameters())
-    assert all(v > 0 for k, v in out.terms.items() if k != "logit_kd"), out.terms
+    weighted = {k for k, w in TERMS.items() if getattr(PRESETS["dwa_kd"], w) > 0}
+    assert weighted == set(TERM_NAMES) - {"logit_kd", "kq_adversarial"}
+    assert all(out.terms[k] > 0 for k in weighted) and all(
+        out.terms[k] == 0 for k in TERMS if k not in weighted
+    )
 
 
 # ------------------------------------------------------------------ micro-batch and padding invariance

@@ -552,3 +552,37 @@ def test_resume_accepts_a_longer_run_and_names_what_else_changed(tmp_path, cache
         _args(student_dir, cache_dir, out, *base, "train.max_steps=4", "optim.lr=0.1"), 1, check=False
     )
     assert res.returncode != 0 and "optim.lr: 0.0005 -> 0.1" in res.stderr
+
+
+@pytest.mark.slow
+def test_dskd_cma_ga_trains_checkpoints_and_resumes_its_discriminator(tmp_path, cache_dir, student_dir):
+    """DSKD-CMA-GA through the real student job: the discriminator is trained (it leaves its init, unlike
+    ga_train_discriminator=false, the DSKD-KQ code's behaviour), and a run stopped at step 2 and resumed to step
+    4 ends with the same student, projectors and discriminator as one uninterrupted run of 4 steps (weights
+    and optimizer state come back from the checkpoint)."""
+    common = [
+        "objective.preset=dskd_cma_ga",
+        "objective.ga_hidden=16",
+        "train.micro_batch=2",
+        "train.zero_stage=2",
+        "output.save_every=2",
+        "data.verify_checksums=false",
+        # a constant LR: the cosine schedule's length is train.max_steps, which the split run changes
+        "optim.warmup_steps=0",
+        "optim.lr=1e-3",
+        "optim.eta_min=1e-3",
+    ]
+    launch(_args(student_dir, cache_dir, tmp_path / "whole", *common, "train.max_steps=4"), 1)
+    launch(_args(student_dir, cache_dir, tmp_path / "split", *common, "train.max_steps=2"), 1)
+    res = launch(_args(student_dir, cache_dir, tmp_path / "split", *common, "train.max_steps=4"), 1)
+    assert "resuming at step 2" in res.stdout
+    frozen = [*common, "objective.ga_train_discriminator=false", "train.max_steps=4"]
+    launch(_args(student_dir, cache_dir, tmp_path / "frozen", *frozen), 1)
+    whole, split, still = (_weights(tmp_path / n) for n in ("whole", "split", "frozen"))
+    disc = [k for k in whole if "kq_discriminator" in k]
+    assert len(disc) == 6  # highway, linear1, linear2: weight and bias
+    for k in whole:
+        torch.testing.assert_close(split[k], whole[k], rtol=1e-6, atol=1e-7, msg=k)
+    assert all(not torch.equal(whole[k], still[k]) for k in disc)  # trained vs left at its (seeded) init
+    recs = _metrics(tmp_path / "whole")
+    assert all(r["term/kq_adversarial"] > 0 and r["term/kd_teacher"] > 0 for r in recs)

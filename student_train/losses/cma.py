@@ -47,15 +47,19 @@ class Projectors(nn.Module):
         dtw_embed_t2s: ``d_T -> d_S``; teacher target-token embeddings for the embedding DTW (eq. 9). ``None``
             when built with ``dtw_embed=False`` (DSKD runs do not need it; an unused parameter would only
             confuse data-parallel wrappers).
+        kq_discriminator: DSKD-CMA-GA's query/key discriminator
+            (:class:`student_train.losses.adversarial.KQDiscriminator`) or ``None``; it lives here so that it
+            is trained, checkpointed, resumed and exported with the projectors.
     """
 
-    def __init__(self, d_s: int, d_t: int, *, dtw_embed: bool = True) -> None:
+    def __init__(self, d_s: int, d_t: int, *, dtw_embed: bool = True, kq_hidden: int | None = None) -> None:
         """Build the projectors.
 
         Args:
             d_s: student hidden size.
             d_t: teacher hidden size.
             dtw_embed: also build ``dtw_embed_t2s`` (needed iff the DTW term is on).
+            kq_hidden: build the GA discriminator with this hidden width (``None``: none).
         """
         super().__init__()
         if d_s < 1 or d_t < 1:
@@ -66,6 +70,11 @@ class Projectors(nn.Module):
         self.t2s = nn.Linear(d_t, d_s)
         self.s2t = nn.Linear(d_s, d_t)
         self.dtw_embed_t2s = nn.Linear(d_t, d_s) if dtw_embed else None
+        self.kq_discriminator = None
+        if kq_hidden is not None:
+            from student_train.losses.adversarial import KQDiscriminator
+
+            self.kq_discriminator = KQDiscriminator(2 * d_t, kq_hidden)
 
     def extra_repr(self) -> str:
         """Sizes for ``print(module)``."""
@@ -89,6 +98,8 @@ class CMAOutput:
         z_t2s: ``[N_S, V_S]`` ``hhat_t2s @ W_S^T`` (``W_S`` detached) at the response positions only,
             in row-major order (the rows of ``x[student_mask]``).
         hhat_s2t: ``[B, m, d_T]`` student values attended from each teacher position.
+        queries: ``[B, n, 2 d_T]`` the projected student index embeddings (live through ``query``).
+        keys: ``[B, m, 2 d_T]`` the std-normalised teacher index embeddings (constants).
     """
 
     scores: torch.Tensor
@@ -97,6 +108,8 @@ class CMAOutput:
     hhat_t2s: torch.Tensor
     z_t2s: torch.Tensor
     hhat_s2t: torch.Tensor
+    queries: torch.Tensor
+    keys: torch.Tensor
 
 
 def formal_ids(ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -231,5 +244,12 @@ def cross_model_attention(
     hhat_s2t = a_s2t @ v_s
     z_t2s = F.linear(hhat_t2s[student_mask], student_head.detach().to(dtype))
     return CMAOutput(
-        scores=scores, a_t2s=a_t2s, a_s2t=a_s2t, hhat_t2s=hhat_t2s, z_t2s=z_t2s, hhat_s2t=hhat_s2t
+        scores=scores,
+        a_t2s=a_t2s,
+        a_s2t=a_s2t,
+        hhat_t2s=hhat_t2s,
+        z_t2s=z_t2s,
+        hhat_s2t=hhat_s2t,
+        queries=queries,
+        keys=keys,
     )

@@ -32,6 +32,7 @@ TERMS: dict[str, str] = {
     "dtw_hidden": "lambda_dtw",
     "dtw_embed": "lambda_dtw",
     "logit_kd": "lambda_logit",
+    "kq_adversarial": "lambda_ga",
 }
 TERM_NAMES: tuple[str, ...] = tuple(TERMS)
 
@@ -112,6 +113,18 @@ class ObjectiveConfig:
         ),
     )
     lambda_logit: float = field(default=0.0, metadata=_help("weight of the logit_kd term (>= 0)"))
+    lambda_ga: float = field(
+        default=0.0,
+        metadata=_help("DSKD-CMA-GA: weight of the query/key adversarial term (DSKD-KQ kq_rate) (>= 0)"),
+    )
+    ga_hidden: int = field(default=768, metadata=_help("DSKD-CMA-GA discriminator hidden width (>= 1)"))
+    ga_train_discriminator: bool = field(
+        default=True,
+        metadata=_help(
+            "train the GA discriminator (the paper); false keeps it at its random init, which is what the "
+            "DSKD-KQ code does (its parameters never reach the optimizer)"
+        ),
+    )
     pairing: Pairing = field(
         default="first_n",
         metadata=_help(
@@ -130,14 +143,17 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         """Range checks; every message names the field and the allowed range."""
         for name in (
-            "lambda_ce", "lambda_kd", "lambda_dtw", "lambda_logit", "band_base_width", "band_entropy_coef"
+            *dict.fromkeys(TERMS.values()), "band_base_width", "band_entropy_coef"
         ):  # fmt: skip
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.band_penalty >= 0:
             raise ValueError(f"band_penalty must be >= 0, got {self.band_penalty}")
-        if self.lambda_ce == 0 and self.lambda_kd == 0 and self.lambda_dtw == 0 and self.lambda_logit == 0:
-            raise ValueError("at least one of lambda_ce, lambda_kd, lambda_dtw, lambda_logit must be > 0")
+        weights = list(dict.fromkeys(TERMS.values()))
+        if all(getattr(self, w) == 0 for w in weights):
+            raise ValueError(f"at least one of {', '.join(weights)} must be > 0")
+        if self.ga_hidden < 1:
+            raise ValueError(f"ga_hidden must be >= 1, got {self.ga_hidden}")
         if (self.lambda_logit > 0) != (self.logit_kd != "none"):
             raise ValueError(
                 f"logit_kd={self.logit_kd!r} with lambda_logit={self.lambda_logit}: a logit-level term needs "
@@ -182,7 +198,12 @@ class ObjectiveConfig:
     @property
     def needs_projectors(self) -> bool:
         """Trainable projectors and the teacher embedding table are required (DSKD family)."""
-        return self.kd_enabled or self.dtw_enabled
+        return self.kd_enabled or self.dtw_enabled or self.ga_enabled
+
+    @property
+    def ga_enabled(self) -> bool:
+        """DSKD-CMA-GA's adversarial query/key term is computed (it needs the CMA and its discriminator)."""
+        return self.lambda_ga > 0
 
     @property
     def needs_teacher(self) -> bool:
@@ -207,7 +228,7 @@ class ObjectiveConfig:
     @property
     def needs_cma(self) -> bool:
         """Cross-model attention must run (token KD, or the band's attention)."""
-        return self.kd_enabled or self.band_enabled
+        return self.kd_enabled or self.band_enabled or self.ga_enabled
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ObjectiveConfig:
@@ -266,6 +287,8 @@ PRESETS: dict[str, ObjectiveConfig] = {
     "dskd_w_dtw": ObjectiveConfig(method="dskd_w_dtw", **{**_DSKD, "lambda_dtw": 0.2, "band_penalty": 0.0}),
     "dskd_w_bdtw": ObjectiveConfig(method="dskd_w_bdtw", **{**_DSKD, "lambda_dtw": 0.2, "band_penalty": 1.0}),
     "dwa_kd_wo_gate": ObjectiveConfig(method="dwa_kd_wo_gate", gate=False),
+    # DSKD-CMA-GA (stellaevat/DSKD-KQ, scripts/gpt2/dskd_cma_plus_kq_gpt2_base.sh: kq_rate 1.0, GAN variant)
+    "dskd_cma_ga": ObjectiveConfig(method="dskd_cma_ga", **{**_DSKD, "lambda_ga": 1.0}),
     # Logit-level baselines of Table 1 (docs/BASELINES.md): (1 - a) CE + a * term, as DSKD's criteria.
     "uld": ObjectiveConfig(method="uld", **_LOGIT, logit_kd="uld"),
     "uld_topk": ObjectiveConfig(method="uld_topk", **_LOGIT, logit_kd="uld_topk"),

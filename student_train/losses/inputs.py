@@ -132,19 +132,15 @@ class ObjectiveInputs:
                     f"teacher_topk_logprobs must have shape [B, m, k] with B, m = {bsz}, {m}, got "
                     f"{tuple(self.teacher_topk_logprobs.shape)}"
                 )
-        if self.teacher_embeddings is not None:
-            _expect_dims("teacher_embeddings", self.teacher_embeddings, 2, "[V_T, d_T]")
-            if self.teacher_embeddings.shape[1] != d_t:
-                raise ValueError(
-                    f"teacher_embeddings has width {self.teacher_embeddings.shape[1]} but teacher_hidden has "
-                    f"d_T={d_t}; both must come from the same teacher"
-                )
-        if self.teacher_head is not None:
-            _expect_dims("teacher_head", self.teacher_head, 2, "[V_T, d_T]")
-            if self.teacher_head.shape[1] != d_t:
-                raise ValueError(
-                    f"teacher_head has width {self.teacher_head.shape[1]} but teacher_hidden has d_T={d_t}"
-                )
+        for name in ("teacher_embeddings", "teacher_head"):
+            table = getattr(self, name)
+            if table is not None:
+                _expect_dims(name, table, 2, "[V_T, d_T]")
+                if table.shape[1] != d_t:
+                    raise ValueError(
+                        f"{name} has width {table.shape[1]} but teacher_hidden has d_T={d_t}; both must come "
+                        "from the same teacher"
+                    )
         float_fields = [
             "student_hidden",
             "student_input_embeds",

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from pipeline.tokenize import IGNORE_INDEX
 from student_train.losses import baselines
+from student_train.losses.adversarial import kq_adversarial_loss
 from student_train.losses.cma import CMAOutput, Projectors, apply_linear, cross_model_attention, formal_ids
 from student_train.losses.config import PRESETS, TERM_NAMES, TERMS, ObjectiveConfig
 from student_train.losses.divergences import (
@@ -143,6 +144,14 @@ def compute_terms(
         terms.update(_token_kd_terms(cfg, batch, cma, counts))
     if cfg.dtw_enabled:
         terms.update(_dtw_terms(cfg, batch, proj, cma, t_target_embeds, counts))
+    if (
+        cfg.ga_enabled
+    ):  # a mean over positions, as DSKD-KQ's kq_loss (the trainer's token division applies to it too)
+        if proj.kq_discriminator is None:
+            raise ValueError("the DSKD-CMA-GA term needs Projectors(..., kq_hidden=cfg.ga_hidden)")
+        terms["kq_adversarial"] = kq_adversarial_loss(
+            proj.kq_discriminator, cma.queries, cma.keys, s_mask, t_mask
+        ).to(dtype)
     return terms, counts
 
 
