@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     student = load_student(cfg).train()
     d_s = student.get_input_embeddings().weight.shape[1]
     proj = Projectors(d_s, cache.hidden_size, dtw_embed=obj.dtw_enabled)
-    proj_file = Path(args.student or "", "projectors.safetensors")
+    from student_train.model import projectors_path
+
+    proj_file = projectors_path(Path(args.student or ""))
     if args.student and proj_file.exists():
         from safetensors.torch import load_file
 

@@ -32,7 +32,9 @@ def alignment_picture(
     row = next(r for i, r in enumerate(cache.iter_rows([0])) if i == row_index)
     tok = AutoTokenizer.from_pretrained(export_dir)
     model = AutoModelForCausalLM.from_pretrained(export_dir).eval()
-    proj = load_file(str(export_dir / "projectors.safetensors"))
+    from student_train.model import projectors_path
+
+    proj = load_file(str(projectors_path(export_dir)))
     t, hs = student_states(model, tok, row)
     s_rows = slice(max(t.response_start - 1, 0), len(t.input_ids) - 1)
     t_rows = slice(max(row.response_start - 1, 0), len(row.input_ids) - 1)

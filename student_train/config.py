@@ -142,6 +142,10 @@ class OutputConfig:
     save_every: int = field(0, help="optimizer steps between checkpoints (0 = only at the end)")
     resume: bool = field(True, help="resume from the latest checkpoint in dir/checkpoints when there is one")
     export: bool = field(True, help="write an HF-format student (+ projectors) to dir/export at the end")
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        "auto",
+        help="dtype of the exported weights; auto = the training precision (fp32 -> float32, bf16 -> bfloat16)",
+    )
 
 
 @dataclass

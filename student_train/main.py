@@ -188,7 +188,13 @@ def main(argv=None) -> int:
 
     # export: fp32 weights (reconstructed from the ZeRO checkpoint), LoRA merged, projectors beside
     if cfg.output.export and rank == 0:
-        path = export_trained(cfg, engine, ckpt_dir, cursor.step, tok, out / "export")
+        card = {
+            "teacher": cache.manifest.teacher["name"] if cache else None,
+            "cache_fingerprint": identity["cache_fingerprint"],
+            "steps": cursor.step,
+            "final_metrics": metrics.last(),
+        }
+        path = export_trained(cfg, engine, ckpt_dir, cursor.step, tok, out / "export", card)
         info = {"step": cursor.step, "nan_skips": cursor.nan_skips, "tokens": cursor.tokens}
         (out / "run_info.json").write_text(json.dumps(info, indent=2))
         print(

@@ -19,6 +19,15 @@ from student_train.losses.objective import (
     compute_objective,
 )
 
+PROJECTORS_FILE = "projectors/projectors.safetensors"  # a subfolder: loaders that glob *.safetensors skip it
+MODEL_CARD = "README.md"
+
+
+def projectors_path(export_dir: Path) -> Path:
+    """The projectors of an export (the subfolder; exports written before it kept them beside the model)."""
+    new, old = Path(export_dir) / PROJECTORS_FILE, Path(export_dir) / "projectors.safetensors"
+    return new if new.exists() or not old.exists() else old
+
 
 class StudentSetupError(ValueError):
     """The student or its tokenizer cannot be used as configured."""
@@ -216,9 +225,17 @@ class Distiller(nn.Module):
         return loss
 
 
-def export_student(cfg: TrainConfig, state: dict[str, torch.Tensor], tokenizer, out_dir: Path) -> Path:
-    """Write an HF-format student (LoRA merged) and ``projectors.safetensors`` from a full fp32 state dict."""
+def export_student(
+    cfg: TrainConfig, state: dict[str, torch.Tensor], tokenizer, out_dir: Path, card: dict | None = None
+) -> Path:
+    """Write a standard HF directory from a full fp32 state dict: the student (LoRA merged) in the export dtype,
+    its tokenizer, ``adapter/`` (the peft adapter, LoRA runs), ``projectors/projectors.safetensors`` (fp32, kept
+    out of the top level so that loaders globbing ``*.safetensors`` read the model only), a model card and
+    ``xtokd_student.json`` (provenance: the source model and the layers a pruned student kept)."""
     from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    from pipeline.tokenize import eos_id_of
 
     out_dir.mkdir(parents=True, exist_ok=True)
     student = load_student(cfg)
@@ -230,12 +247,20 @@ def export_student(cfg: TrainConfig, state: dict[str, torch.Tensor], tokenizer, 
             f"export: state dict does not match the student (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
     if cfg.lora.enabled:
+        student.save_pretrained(out_dir / "adapter")  # the adapter alone, loadable with peft over the base
         student = student.merge_and_unload()
+    dtype = cfg.output.export_dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if cfg.train.precision == "bf16" else "float32"
+    student = student.to(getattr(torch, dtype))
+    # one EOS everywhere: the token the student was trained to end its answers with
+    eos = eos_id_of(tokenizer, cfg.student.eos_token)
+    student.config.eos_token_id = eos
+    if student.generation_config is not None:
+        student.generation_config.eos_token_id = eos
+        student.generation_config.pad_token_id = tokenizer.pad_token_id
     student.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    # provenance: what the student started from and which layers a pruned student kept
-    from transformers import AutoConfig
-
     source = resolve_model(cfg.student.path)
     total = AutoConfig.from_pretrained(source).num_hidden_layers
     (out_dir / "xtokd_student.json").write_text(
@@ -245,14 +270,52 @@ def export_student(cfg: TrainConfig, state: dict[str, torch.Tensor], tokenizer, 
                 "source_layers": total,
                 "kept_layer_ids": kept_layer_ids(cfg, total),
                 "lora": cfg.lora.enabled,
+                "dtype": dtype,
             },
             indent=2,
         )
     )
     proj = {k[len("projectors.") :]: v.contiguous() for k, v in state.items() if k.startswith("projectors.")}
     if proj:
-        save_file(proj, str(out_dir / "projectors.safetensors"))
+        (out_dir / PROJECTORS_FILE).parent.mkdir(exist_ok=True)
+        save_file(proj, str(out_dir / PROJECTORS_FILE))
+    (out_dir / MODEL_CARD).write_text(model_card(cfg, dtype, card or {}))
     return out_dir
+
+
+def model_card(cfg: TrainConfig, dtype: str, facts: dict) -> str:
+    """A short HF model card: what the student is, how it was trained, from which cache, final metrics."""
+    objective = cfg.objective_config()
+    metrics = facts.get("final_metrics") or {}
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [distillation, cross-tokenizer, xtokd]",
+        "---",
+        f"# {Path(cfg.output.dir).name}",
+        "",
+        f"A student distilled with **{objective.method}** by xtokd from a cached teacher (no teacher model in "
+        "the training job).",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| student | `{cfg.student.path}`"
+        + (f", {cfg.student.keep_layers} layers kept" if cfg.student.keep_layers else "")
+        + " |",
+        f"| teacher | `{facts.get('teacher', '-')}` |",
+        f"| teacher cache | `{cfg.data.cache or '-'}` (fingerprint `{str(facts.get('cache_fingerprint') or '-')[:16]}`) |",
+        f"| method | `{objective.method}` (objective: `{cfg.objective}`) |",
+        f"| training | {facts.get('steps', '?')} steps, micro-batch {cfg.train.micro_batch} x grad-accum "
+        f"{cfg.train.grad_accum}, lr {cfg.optim.lr:g}, {cfg.train.precision}, ZeRO-{cfg.train.zero_stage}"
+        + (f", LoRA r={cfg.lora.r} (merged; adapter in `adapter/`)" if cfg.lora.enabled else "")
+        + " |",
+        f"| weights | {dtype}; projectors (training only) in `{PROJECTORS_FILE}` |",
+    ]
+    if metrics:
+        lines += ["", "Final training metrics (last logged step, per label token):", ""]
+        lines += [f"- {k}: {v:.4g}" for k, v in metrics.items() if isinstance(v, float)]
+    lines += ["", "The full resolved configuration is `config.json` of the run directory."]
+    return "\n".join(lines) + "\n"
 
 
 def build_distiller(cfg: TrainConfig, objective, student: nn.Module, cache, mined=None) -> Distiller:
@@ -273,7 +336,9 @@ def build_distiller(cfg: TrainConfig, objective, student: nn.Module, cache, mine
     return Distiller(student, projectors, objective, t_head, t_emb, mined_map, t_bias)
 
 
-def export_trained(cfg: TrainConfig, engine, ckpt_dir: Path, step: int, tokenizer, out_dir: Path) -> Path:
+def export_trained(
+    cfg: TrainConfig, engine, ckpt_dir: Path, step: int, tokenizer, out_dir: Path, card: dict | None = None
+) -> Path:
     """Export the trained student from the engine (ZeRO-0) or from the checkpoint of ``step`` (ZeRO-1/2/3:
     fp32 weights reconstructed from every rank's partition, read under the weights-only guard of resume)."""
     if cfg.train.zero_stage == 0:
@@ -285,4 +350,4 @@ def export_trained(cfg: TrainConfig, engine, ckpt_dir: Path, step: int, tokenize
 
         with weights_only_loads(checkpoint_safe_globals()):
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=f"step-{step:07d}")
-    return export_student(cfg, state, tokenizer, out_dir)
+    return export_student(cfg, state, tokenizer, out_dir, card)

@@ -108,6 +108,13 @@ class MetricsLog:
             if isinstance(v, (int, float)) and k != "step":
                 self.tb.add_scalar(k, v, rec["step"])
 
+    def last(self) -> dict:
+        """The last record's loss and per-term values (those the run computes), for the model card."""
+        if not self.records:
+            return {}
+        rec = self.records[-1]
+        return {k: v for k, v in rec.items() if (k == "loss" or k.startswith("term/")) and v}
+
     def plot(self) -> Path | None:
         if not self.records:
             return None
@@ -142,6 +149,8 @@ def save_checkpoint(engine, ckpt_dir: Path, cursor: Cursor, extra: dict, keep: i
         str(ckpt_dir), tag=tag, client_state={"cursor": vars(cursor).copy(), **extra}, save_latest=False
     )
     dist.barrier()
+    record_checksums(ckpt_dir / tag, dist.get_rank())
+    dist.barrier()
     if dist.get_rank() == 0:
         tmp = ckpt_dir / "latest.tmp"
         tmp.write_text(tag)
@@ -149,6 +158,67 @@ def save_checkpoint(engine, ckpt_dir: Path, cursor: Cursor, extra: dict, keep: i
         tags = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
         for old in tags[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+CHECKSUM_DIR = "xtokd_checksums"
+_RANK_FILE = re.compile(r"^zero_pp_rank_(\d+)_")
+
+
+class CheckpointIntegrityError(RuntimeError):
+    """A checkpoint file differs from (or is missing in) the checksums recorded when it was saved."""
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def record_checksums(tag_dir: Path, rank: int) -> None:
+    """sha256 of the checkpoint files this rank owns (its ``zero_pp_rank_<rank>_*`` files; rank 0 also the
+    shared ones), in ``<tag>/xtokd_checksums/rank-<rank>.json``: one writer per file, also without a shared
+    filesystem."""
+
+    def owned(name: str) -> bool:
+        m = _RANK_FILE.match(name)
+        return int(m.group(1)) == rank if m else rank == 0
+
+    sums = {p.name: _sha256(p) for p in sorted(tag_dir.iterdir()) if p.is_file() and owned(p.name)}
+    out = tag_dir / CHECKSUM_DIR
+    out.mkdir(exist_ok=True)
+    tmp = out / f"rank-{rank}.json.tmp"
+    tmp.write_text(json.dumps(sums, indent=1))
+    os.replace(tmp, out / f"rank-{rank}.json")
+
+
+def verify_checksums(tag_dir: Path) -> None:
+    """Every file of the checkpoint visible here against the checksums recorded at save time; a file that is
+    not listed (planted), or whose sha256 differs (swapped or damaged), is refused before anything reads it."""
+    recorded: dict[str, str] = {}
+    for part in sorted((tag_dir / CHECKSUM_DIR).glob("rank-*.json")):
+        recorded.update(json.loads(part.read_text()))
+    if not recorded:
+        raise CheckpointIntegrityError(
+            f"{tag_dir}: no {CHECKSUM_DIR}/ (a checkpoint from an older release, or a damaged one): its files "
+            "cannot be checked; set output.resume=false to start over"
+        )
+    for p in sorted(tag_dir.iterdir()):
+        if not p.is_file():
+            continue
+        if p.name not in recorded:
+            raise CheckpointIntegrityError(
+                f"{p}: not among the files this checkpoint was saved with; refusing to load it (remove it, or "
+                "set output.resume=false)"
+            )
+        if _sha256(p) != recorded[p.name]:
+            raise CheckpointIntegrityError(
+                f"{p}: its sha256 differs from the one recorded when the checkpoint was saved (the file was "
+                "replaced or damaged); refusing to load it"
+            )
 
 
 def checkpoint_safe_globals() -> list:
@@ -233,6 +303,7 @@ def load_checkpoint(engine, ckpt_dir: Path, expect: dict, settings: dict | None 
     file that would unpickle more than tensors and the few DeepSpeed types of ``checkpoint_safe_globals``."""
     if not (ckpt_dir / "latest").exists():
         return None
+    verify_checksums(ckpt_dir / (ckpt_dir / "latest").read_text().strip())
     with weights_only_loads(checkpoint_safe_globals()):
         path, client = engine.load_checkpoint(str(ckpt_dir))
     if path is None:

@@ -28,7 +28,8 @@ def schema_version(layers: tuple[int, ...]) -> int:
 FORMAT_NAME = "xtokd-teacher-cache"
 MANIFEST = "manifest.json"
 JOB_STATE = "job_state.json"
-SHARD_DIR = "shards"
+SHARD_DIR = "shards"  # the Arrow IPC shards only: pyarrow.dataset / datasets read the folder as is
+PROGRESS_DIR = "progress"  # the job's per-shard bookkeeping (sidecars); caches before it kept them in shards/
 HEAD_FILE = "teacher_head.safetensors"
 EMBED_FILE = "teacher_embeddings.safetensors"
 TOKENIZER_DIR = "teacher_tokenizer"  # the teacher tokenizer's files (MinED needs its token strings)
@@ -171,7 +172,13 @@ def encode_hidden(h: torch.Tensor, hidden_dtype: str) -> tuple[np.ndarray, np.nd
 
 
 def decode_hidden(values: np.ndarray, scale: np.ndarray | None, hidden_dtype: str) -> torch.Tensor:
-    """Inverse of :func:`encode_hidden`: ``[P, d]`` stored values -> float32 tensor."""
+    """Inverse of :func:`encode_hidden`: ``[P, d]`` stored values -> float32 tensor.
+
+    ``values`` may come from any Arrow reader, also one that widened the stored integers (``datasets``
+    returns bf16's raw uint16 bits as int64): they are narrowed back to the storage dtype first.
+    """
+    if hidden_dtype in HIDDEN_STORAGE:
+        values = np.asarray(values).astype(HIDDEN_STORAGE[hidden_dtype], copy=False)
     if hidden_dtype == "float32":
         return torch.from_numpy(np.array(values, dtype=np.float32, copy=True))
     if hidden_dtype == "float16":

@@ -28,7 +28,15 @@ import numpy as np
 from pipeline.config import config_hash, describe, field, load_config
 from pipeline.records import DataConfig, ReadStats, Record, read_records, records_fingerprint
 from teacher_cache import storage
-from teacher_cache.format import HIDDEN_DTYPES, JOB_STATE, MANIFEST, SHARD_DIR, TEACHER_INFO, schema_version
+from teacher_cache.format import (
+    HIDDEN_DTYPES,
+    JOB_STATE,
+    MANIFEST,
+    PROGRESS_DIR,
+    SHARD_DIR,
+    TEACHER_INFO,
+    schema_version,
+)
 from teacher_cache.manifest import CacheError, Manifest, Settings, build_manifest, parse_manifest
 from teacher_cache.teacher import TeacherConfig
 from teacher_cache.writer import (
@@ -94,6 +102,9 @@ class RayConfig:
     local_num_cpus: int | None = field(
         None, help="logical CPUs of the local cluster (default: enough for the actors)"
     )
+    task_timeout_s: float = field(
+        3600.0, help="seconds a single Ray task of the driver (the teacher description on resume) may take"
+    )
     wait_for_resources_s: float = field(
         0.0,
         help="seconds to wait for the cluster to offer the actors' GPUs/CPUs (an autoscaler adding nodes); "
@@ -103,6 +114,8 @@ class RayConfig:
     def validate(self) -> None:
         if self.batch_size < 1 or self.concurrency < 1 or self.tokenizer_concurrency < 1:
             raise ValueError("ray.batch_size, ray.concurrency and ray.tokenizer_concurrency must be >= 1")
+        if self.task_timeout_s <= 0:
+            raise ValueError(f"ray.task_timeout_s must be > 0, got {self.task_timeout_s}")
         if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
             raise ValueError("ray.gpus_per_actor must be >= 0 and ray.cpus_per_actor > 0")
 
@@ -411,9 +424,9 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> Manifest:
         storage.write_json(
             fs, spath, {"job_fingerprint": fp, "started": _dt.datetime.now(_dt.timezone.utc).isoformat()}
         )
-    removed = storage.remove_temporaries(fs, storage.join(root, SHARD_DIR)) + storage.remove_temporaries(
-        fs, root
-    )
+    removed = sum(
+        storage.remove_temporaries(fs, storage.join(root, d)) for d in (SHARD_DIR, PROGRESS_DIR)
+    ) + storage.remove_temporaries(fs, root)
     if removed:
         print(f"[teacher_cache] removed {removed} temporary file(s) left by an interrupted run")
 
@@ -514,7 +527,16 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> Manifest:
         describe_remote = ray.remote(num_gpus=cfg.ray.gpus_per_actor, num_cpus=cfg.ray.cpus_per_actor)(
             _describe_teacher
         )
-        ray.get(describe_remote.remote(cfg.teacher, uri, probe))
+        ref = describe_remote.remote(cfg.teacher, uri, probe)
+        try:
+            ray.get(ref, timeout=cfg.ray.task_timeout_s)
+        except ray.exceptions.GetTimeoutError as e:
+            ray.cancel(ref, force=True)
+            raise RuntimeError(
+                f"describing the teacher (loading it to check its weights against the finished shards) took more "
+                f"than ray.task_timeout_s={cfg.ray.task_timeout_s:g} s; raise it for a very large teacher, or check "
+                "the worker's log (ray logs) for a stuck load"
+            ) from e
     teacher_info = storage.read_json(fs, storage.join(root, TEACHER_INFO))
 
     missing = [i for i in range(len(plan)) if i not in done]

@@ -17,6 +17,7 @@ from teacher_cache.format import (
     EMBED_FILE,
     HEAD_FILE,
     MANIFEST,
+    PROGRESS_DIR,
     TEACHER_INFO,
     TOKENIZER_DIR,
     Layout,
@@ -27,7 +28,12 @@ from teacher_cache.manifest import Manifest
 
 
 def sidecar_name(index: int) -> str:
-    return shard_name(index) + ".json"
+    """The job's bookkeeping of shard ``index``, outside the shard folder."""
+    return f"{PROGRESS_DIR}/part-{index:05d}.json"
+
+
+def _legacy_sidecar_name(index: int) -> str:
+    return shard_name(index) + ".json"  # where caches written before PROGRESS_DIR kept it
 
 
 def write_shard(uri: str, index: int, rows: list[dict], layout: Layout, *, job_fingerprint: str) -> dict:
@@ -71,6 +77,8 @@ def finished_shard(
     """The sidecar entry of shard ``index`` if it is complete, from this job, and (optionally) intact."""
     fs, root, _ = storage.resolve(uri)
     side = storage.join(root, sidecar_name(index))
+    if not storage.exists(fs, side):
+        side = storage.join(root, _legacy_sidecar_name(index))
     path = storage.join(root, shard_name(index))
     if not (storage.exists(fs, side) and storage.exists(fs, path)):
         return None

@@ -328,6 +328,9 @@ def test_resume_refuses_changed_teacher_weights(ray_session, tmp_path, synthetic
     shutil.rmtree(teacher)
     save_tiny_model(teacher, "llama", mistral_tokenizer, hidden=64, seed=7)  # same path, other weights
     (out / MANIFEST).unlink()
+    # the describe task cannot hang the driver: past ray.task_timeout_s it is cancelled with a clear error
+    with pytest.raises(RuntimeError, match=r"took more than ray.task_timeout_s=0.001 s"):
+        run(_cfg(synthetic_jsonl, teacher, out, "ray.task_timeout_s=0.001"), progress=False)
     with pytest.raises(Exception, match="teacher weights changed since this partial cache was started"):
         run(_cfg(synthetic_jsonl, teacher, out), progress=False)
     for f in (out / "shards").glob("part-00001.arrow*"):
@@ -428,7 +431,7 @@ def test_kill_and_resume_completes_without_duplicates(tmp_path, mistral_tokenize
     deadline = time.time() + 240
     try:
         while time.time() < deadline:
-            sidecars = list((out / "shards").glob("part-*.arrow.json")) if (out / "shards").exists() else []
+            sidecars = list((out / "progress").glob("part-*.json")) if (out / "progress").exists() else []
             if len(sidecars) >= 3:
                 break
             assert proc.poll() is None, "the job ended before it could be killed"
@@ -436,7 +439,7 @@ def test_kill_and_resume_completes_without_duplicates(tmp_path, mistral_tokenize
         kill_tree(proc.pid)
     finally:
         proc.wait(timeout=60)
-    written = len(list((out / "shards").glob("part-*.arrow.json")))
+    written = len(list((out / "progress").glob("part-*.json")))
     assert not (out / MANIFEST).exists(), "the job finished before the kill: make the test job longer"
     assert 3 <= written < 30
     with pytest.raises(CacheError, match="has not finished"):
@@ -613,3 +616,32 @@ def test_asking_for_gpus_the_cluster_lacks_fails_in_seconds(
     with pytest.raises(RuntimeError, match=r"can host 0 of the 1 teacher actor\(s\) .* 1 GPU"):
         run(_cfg(synthetic_jsonl, tiny_llama_dir, tmp_path / "c", "ray.gpus_per_actor=1"), progress=False)
     assert time.time() - t < 60
+
+
+def test_standard_arrow_readers_read_the_shard_folder(llama_cache):
+    """The documented recipe (docs/CACHE_FORMAT.md): pyarrow.dataset and datasets read shards/ as it is (the
+    job's bookkeeping lives in progress/), and decode_hidden turns their hidden values back into floats."""
+    import datasets
+    import pyarrow.dataset as pads
+
+    from teacher_cache.format import decode_hidden
+
+    out, manifest = llama_cache
+    assert sorted(p.suffix for p in (out / "shards").iterdir()) == [".arrow"] * len(manifest.shards)
+    table = pads.dataset(out / "shards", format="ipc").to_table()
+    assert table.num_rows == manifest.stats.rows
+    ds = datasets.load_dataset(
+        "arrow", data_dir=str(out / "shards"), split="train", cache_dir=str(out.parent / "hf")
+    )
+    assert ds.num_rows == manifest.stats.rows
+    cache = open_cache(str(out))
+    first = next(cache.iter_rows())
+    row = next(r for r in ds.with_format("numpy") if r["sample_id"] == first.sample_id)
+    hidden = decode_hidden(row["hidden"], row.get("hidden_scale"), manifest.settings.hidden_dtype)
+    assert torch.equal(hidden, first.hidden)
+    # datasets widens bf16's raw uint16 bits (and int8) to int64; decode_hidden narrows them back
+    for dtype in ("bfloat16", "int8"):
+        values, scale = encode_hidden(torch.randn(3, 8), dtype)
+        torch.testing.assert_close(
+            decode_hidden(values.astype(np.int64), scale, dtype), decode_hidden(values, scale, dtype)
+        )

@@ -17,6 +17,7 @@ from _procs import kill_tree
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
 DS = str(Path(sys.executable).parent / "deepspeed")
+PROJECTORS_FILE = "projectors/projectors.safetensors"
 PROBE = "tests/_student_probe.py"  # student_train/main.py, then the evidence of what the process held
 
 
@@ -108,9 +109,7 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     w = load_file(str(run_dir / "export" / "model.safetensors"))
-    w.update(
-        {"proj." + k: v for k, v in load_file(str(run_dir / "export" / "projectors.safetensors")).items()}
-    )
+    w.update({"proj." + k: v for k, v in load_file(str(run_dir / "export" / PROJECTORS_FILE)).items()})
     return w
 
 
@@ -229,10 +228,27 @@ def test_zero_and_lora_runs_export_loadable_students(tmp_path, cache_dir, studen
         "data.verify_checksums=false",
     ]
     launch(_args(student_dir, cache_dir, out, *extra), 2)
-    model = AutoModelForCausalLM.from_pretrained(out / "export")
+    export = out / "export"
+    model = AutoModelForCausalLM.from_pretrained(export)
     assert not any("lora" in n for n, _ in model.named_parameters())
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert torch.isfinite(logits).all()
+    # a standard HF directory: only the model at the top level, the projectors in their subfolder, one EOS
+    assert sorted(p.name for p in export.glob("*.safetensors")) == ["model.safetensors"]
+    assert (export / PROJECTORS_FILE).exists() and model.dtype == torch.float32  # trained in fp32
+    config = json.loads((export / "config.json").read_text())
+    generation = json.loads((export / "generation_config.json").read_text())
+    assert config["eos_token_id"] == generation["eos_token_id"]
+    card = (export / "README.md").read_text()
+    assert "dwa_kd" in card and "fingerprint" in card and "term/kd_teacher" in card
+    if lora:  # the peft adapter too: base + adapter gives the merged export's logits
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(student_dir)
+        with_adapter = PeftModel.from_pretrained(base, export / "adapter").merge_and_unload()
+        torch.testing.assert_close(
+            with_adapter(torch.tensor([[1, 2, 3]])).logits, logits, rtol=1e-4, atol=1e-4
+        )
     info = json.loads((out / "probe.json").read_text())
     assert info["ray_imported"] is False and info["teacher_loader_imported"] is False
     assert all(name.startswith("GPT2") for name in info["models_alive"]), info
@@ -449,7 +465,7 @@ def test_logit_baselines_train_from_the_cache(tmp_path, cache_dir, student_dir, 
     assert all(r["term/kd_teacher"] == 0 and r["term/dtw_hidden"] == 0 for r in recs)
     info = json.loads((out / "probe.json").read_text())
     assert info["teacher_loader_imported"] is False and info["ray_imported"] is False
-    assert not (out / "export" / "projectors.safetensors").exists()  # no projectors for logit-level methods
+    assert not (out / "export" / "projectors").exists()  # no projectors for logit-level methods
 
 
 def test_mined_refuses_a_teacher_tokenizer_the_cache_was_not_built_with(tmp_path, cache_dir, student_dir):
@@ -515,6 +531,18 @@ def test_resume_loads_weights_only_and_refuses_a_planted_pickle(
     assert evil.exists(), sorted(p.name for p in evil.parent.iterdir())
     torch.save({"module": {}, "payload": _RunsShell(f"touch {marker}")}, evil)
     (ckpt / "latest").write_text("step-0000002")
+    # first line of defence: the file is not the one saved (its sha256 was recorded at save time)
+    res = launch(args, 1, check=False)
+    assert res.returncode != 0 and "CheckpointIntegrityError" in res.stderr
+    assert f"{evil}: its sha256 differs from the one recorded" in res.stderr
+    # an attacker who also rewrites the recorded checksum meets the second: nothing is unpickled but tensors
+    import hashlib
+
+    for part in (evil.parent / "xtokd_checksums").glob("rank-*.json"):
+        sums = json.loads(part.read_text())
+        if planted in sums:
+            sums[planted] = hashlib.sha256(evil.read_bytes()).hexdigest()
+            part.write_text(json.dumps(sums))
     res = launch(args, 1, check=False)
     assert res.returncode != 0
     assert "UnsafeCheckpointError" in res.stderr and f"{evil}: refusing to unpickle" in res.stderr
