@@ -165,6 +165,9 @@ def _take_rows(x: torch.Tensor, idx: torch.Tensor, lengths: torch.Tensor) -> tor
 def cosine_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Eqs (17)-(18): ``C_ik = 1 - cos(x_i, y_k)``, clamped to ``[0, 2]`` (METHOD.md A19).
 
+    The fused kernel of :func:`student_train.kernels.cosine_cost` (one normalisation per side, a backward
+    that recomputes the normalised inputs instead of keeping them), in ``x``'s dtype.
+
     Args:
         x: ``[B, N, d]``.
         y: ``[B, M, d]``.
@@ -172,9 +175,9 @@ def cosine_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[B, N, M]`` costs (zero-padded rows give cost 1; callers mask them by lengths).
     """
-    xn = F.normalize(x, dim=-1, eps=1e-8)
-    yn = F.normalize(y, dim=-1, eps=1e-8)
-    return (1.0 - xn @ yn.transpose(-1, -2)).clamp(0.0, 2.0)
+    from student_train import kernels
+
+    return kernels.cosine_cost(x, y.to(x.dtype))
 
 
 def band_penalty(
