@@ -11,7 +11,6 @@ head.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -22,11 +21,10 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher
 import torch
 from tqdm import tqdm
 
-from pipeline.config import config_hash, describe, load_config, to_dict
+from pipeline.config import config_hash, to_dict
 from student_train.align import batch_alignment
-from student_train.config import TrainConfig
+from student_train.cli import banner, parse
 from student_train.data import Schedule, ScheduledBatches, collate_kwargs, open_rows
-from student_train.losses.config import PRESETS, ObjectiveConfig
 from student_train.model import build_distiller, export_trained, load_student, load_student_tokenizer
 from student_train.trainer import (
     Cursor,
@@ -39,65 +37,6 @@ from student_train.trainer import (
     resume_safe,
     save_checkpoint,
 )
-
-
-def parse(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
-    ap = argparse.ArgumentParser(
-        prog="student_train/main.py",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (override with key=value):\n"
-        + "\n".join(describe(TrainConfig))
-        + "\n\nobjective keys (objective.preset= one of "
-        + ", ".join(sorted(PRESETS))
-        + "; any key below overrides the preset's value):\n"
-        + "\n".join(describe(ObjectiveConfig, "objective.")),
-    )
-    ap.add_argument("--config", help="YAML (configs/train/*.yaml)")
-    ap.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ap.add_argument(
-        "--print-config",
-        action="store_true",
-        help="print the resolved config (file + overrides + defaults) and the objective it selects, then exit",
-    )
-    ap.add_argument(
-        "overrides", nargs="*", help="dotted overrides, e.g. train.zero_stage=3 lora.enabled=true"
-    )
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(TrainConfig, args.config, args.overrides)
-    except ValueError as e:  # a user mistake in the config: one line, not a traceback
-        ap.exit(2, f"error: {e}\n")
-    if args.print_config:
-        import dataclasses
-
-        import yaml
-
-        resolved = {**to_dict(cfg), "objective": dataclasses.asdict(cfg.objective_config())}
-        print(yaml.safe_dump(resolved, sort_keys=False), end="")
-        sys.exit(0)
-    return cfg, args
-
-
-def banner(cfg, objective, world, steps_per_epoch, total_steps, trainable, cache, sched, cursor) -> str:
-    """The one line a run prints before its first step."""
-    global_batch = cfg.train.micro_batch * cfg.train.grad_accum * world
-    parts = [
-        f"[train] {objective.method}: world {world}, micro-batch {cfg.train.micro_batch} x grad-accum "
-        f"{cfg.train.grad_accum} x {world} = global batch {global_batch}",
-        f"{steps_per_epoch} steps/epoch, {total_steps} steps",
-        f"{trainable / 1e6:.2f}M trainable params",
-        f"ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}",
-    ]
-    if cache is not None:
-        parts.append(
-            f"cache {cache.num_rows} rows, {cache.manifest.stats.bytes_per_position:.0f} B/position, "
-            f"{sched.dropped_per_epoch} rows/epoch dropped to keep ranks in step"
-        )
-    if cursor.step:
-        parts.append(f"resuming at step {cursor.step} (epoch {cursor.epoch}, batch {cursor.batch})")
-    return "; ".join(parts)
 
 
 def main(argv=None) -> int:
