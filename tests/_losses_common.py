@@ -99,3 +99,24 @@ def make_projectors(d_s=6, d_t=10, dtype=torch.float32, seed=0, kq_hidden=None):
 
 def run(cfg, tensors, projectors):
     return compute_objective(cfg, ObjectiveInputs(**tensors), projectors)
+
+
+def cma_of(tensors, projectors, std_scope="batch"):
+    """``cross_model_attention`` on the tensors of :func:`make_tensors` (teacher embeddings by formal ids)."""
+    from student_train.losses.cma import cross_model_attention, formal_ids
+
+    t = tensors
+    table = t["teacher_embeddings"]
+    return cross_model_attention(
+        projectors,
+        student_hidden=t["student_hidden"],
+        student_input_embeds=t["student_input_embeds"],
+        student_target_embeds=t["student_target_embeds"],
+        student_head=t["student_head"],
+        student_mask=t["student_labels"].ne(-100),
+        teacher_hidden=t["teacher_hidden"],
+        teacher_input_embeds=table[formal_ids(t["teacher_input_ids"], t["teacher_labels"])],
+        teacher_target_embeds=table[formal_ids(t["teacher_labels"], t["teacher_labels"])],
+        teacher_mask=t["teacher_labels"].ne(-100),
+        std_scope=std_scope,
+    )

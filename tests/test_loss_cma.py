@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from _losses_common import _soft_dtw_kernel, make_projectors, make_tensors, reference_kernel, run  # noqa: F401
+from _losses_common import _soft_dtw_kernel, cma_of, make_projectors, make_tensors, reference_kernel, run  # noqa: F401
 
-from student_train.losses.cma import cross_model_attention, formal_ids
+from student_train.losses.cma import formal_ids
 
 # ------------------------------------------------------------------------------------------ CMA
 
@@ -15,19 +15,7 @@ def test_cma_shapes_and_row_sums():
     proj = make_projectors()
     s_mask = t["student_labels"].ne(-100)
     t_mask = t["teacher_labels"].ne(-100)
-    table = t["teacher_embeddings"]
-    out = cross_model_attention(
-        proj,
-        student_hidden=t["student_hidden"],
-        student_input_embeds=t["student_input_embeds"],
-        student_target_embeds=t["student_target_embeds"],
-        student_head=t["student_head"],
-        student_mask=s_mask,
-        teacher_hidden=t["teacher_hidden"],
-        teacher_input_embeds=table[formal_ids(t["teacher_input_ids"], t["teacher_labels"])],
-        teacher_target_embeds=table[formal_ids(t["teacher_labels"], t["teacher_labels"])],
-        teacher_mask=t_mask,
-    )
+    out = cma_of(t, proj)
     bsz, n, m = 2, 9, 11
     assert out.scores.shape == out.a_t2s.shape == (bsz, n, m)
     assert out.a_s2t.shape == (bsz, m, n)

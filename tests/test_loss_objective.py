@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _losses_common import _soft_dtw_kernel, make_projectors, make_tensors, reference_kernel, run  # noqa: F401
+from _losses_common import _soft_dtw_kernel, cma_of, make_projectors, make_tensors, reference_kernel, run  # noqa: F401
 
-from student_train.losses.cma import Projectors, cross_model_attention, formal_ids
+from student_train.losses.cma import Projectors, formal_ids
 from student_train.losses.config import TERMS
 from student_train.losses.divergences import (
     entropy_from_logits,
@@ -83,20 +83,7 @@ def _dense_token_oracle(cfg, t, proj):
     """Token-level terms recomputed densely, per sample, with full teacher logits (no chunking)."""
     s_mask = t["student_labels"].ne(-100)
     t_mask = t["teacher_labels"].ne(-100)
-    table = t["teacher_embeddings"]
-    cma = cross_model_attention(
-        proj,
-        student_hidden=t["student_hidden"],
-        student_input_embeds=t["student_input_embeds"],
-        student_target_embeds=t["student_target_embeds"],
-        student_head=t["student_head"],
-        student_mask=s_mask,
-        teacher_hidden=t["teacher_hidden"],
-        teacher_input_embeds=table[formal_ids(t["teacher_input_ids"], t["teacher_labels"])],
-        teacher_target_embeds=table[formal_ids(t["teacher_labels"], t["teacher_labels"])],
-        teacher_mask=t_mask,
-        std_scope=cfg.cma_std_scope,
-    )
+    cma = cma_of(t, proj, cfg.cma_std_scope)
     tau = cfg.kd_temperature
     z_t2s_full = cma.hhat_t2s @ t["student_head"].T
     z_t = t["teacher_hidden"] @ t["teacher_head"].T
