@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pipeline.config import describe, field, load_config, to_dict
 from pipeline.records import DataConfig, read_records
@@ -66,7 +67,13 @@ class EvalConfig:
     temperature: float = field(1.0, help="sampling temperature")
     top_p: float = field(1.0, help="nucleus sampling")
     no_repeat_ngram_size: int = field(6, help="DSKD default 6 (0 = off)")
-    batch_size: int = field(16, help="prompts per generate call")
+    batch_size: int = field(16, help="prompts per generate call (and sequences per bits-per-byte forward)")
+    device: str = field(
+        "auto", help="auto (the accelerator when there is one, else cpu), cpu, cuda, cuda:N, mps"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        "float32", help="dtype the model is evaluated in (bfloat16 on accelerators halves memory and time)"
+    )
     bits_per_byte: bool = field(True, help="also compute reference bits-per-byte")
     output: str = field(
         "", help="directory for metrics.json, results.md, generations.jsonl (default: <checkpoint>/eval)"
@@ -101,6 +108,22 @@ def _prompt_ids(tok, prompt: str, max_prompt_length: int) -> list[int]:
     return tok(prompt, add_special_tokens=False)["input_ids"][:max_prompt_length]
 
 
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when CUDA is available, else ``mps`` when available, else ``cpu``; an explicit
+    accelerator that is not there is an error, not a silent fallback to CPU."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"eval.device={name}: CUDA is not available on this machine (use auto or cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("eval.device=mps: MPS is not available on this machine (use auto or cpu)")
+    return name
+
+
 def generate(model, tok, prompts: list[str], cfg: EvalConfig, seed: int, progress=None) -> list[str]:
     """Sampled continuations of ``prompts`` (left-padded batches), decoded and cleaned."""
     import torch
@@ -117,10 +140,11 @@ def generate(model, tok, prompts: list[str], cfg: EvalConfig, seed: int, progres
         for i, row in enumerate(ids):
             x[i, width - len(row) :] = torch.tensor(row)
             m[i, width - len(row) :] = 1
+        device = next(model.parameters()).device
         with torch.no_grad():
             gen = model.generate(
-                input_ids=x,
-                attention_mask=m,
+                input_ids=x.to(device),
+                attention_mask=m.to(device),
                 do_sample=True,
                 temperature=cfg.temperature,
                 top_p=cfg.top_p,
@@ -210,11 +234,12 @@ def evaluate(checkpoint: str, cfg: EvalConfig, progress: bool = True) -> dict:
 
     path = resolve(checkpoint)  # model:NAME -> its prepared HF folder (e.g. to score a teacher)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    device = resolve_device(cfg.device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype)).to(device).eval()
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     out_dir = Path(cfg.output or Path(checkpoint) / "eval")
     out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict = {"checkpoint": str(checkpoint), "config": to_dict(cfg), "sets": {}}
+    results: dict = {"checkpoint": str(checkpoint), "config": to_dict(cfg), "device": device, "sets": {}}
     gens = (out_dir / "generations.jsonl").open("w")
     for es in cfg.sets:
         all_recs = list(read_records(DataConfig(path=es.path, format="dskd")))
@@ -352,7 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    cfg = load_config(EvalConfig, args.config, args.overrides)
+    try:  # user mistakes in the config or the device: one line, not a traceback
+        cfg = load_config(EvalConfig, args.config, args.overrides)
+        resolve_device(cfg.device)
+    except ValueError as e:
+        ap.exit(2, f"error: {e}\n")
     if not cfg.sets:
         cfg.sets = dskd_sets()
     missing = [s.path for s in cfg.sets if not Path(s.path).exists()]

@@ -46,3 +46,39 @@ def test_evaluate_writes_metrics_and_is_seeded(tmp_path, gpt2_tokenizer, synthet
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["sets"]["syn"]["n"] == 6
     table = markdown_table({"m": res})
     assert "syn ROUGE-L" in table and "syn bpb" in table
+
+
+def test_evaluate_runs_in_the_requested_dtype_on_the_resolved_device(
+    tmp_path, gpt2_tokenizer, synthetic_jsonl
+):
+    """dtype=bfloat16 device=auto: the model is evaluated in bf16 on the accelerator when there is one (CPU
+    here); an accelerator that is not there is a one-line error, not a silent CPU run."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from pipeline.evaluate import resolve_device
+    from pipeline.tiny import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "m", "gpt2", gpt2_tokenizer, hidden=32)
+    cfg = EvalConfig(
+        sets=[EvalSet("syn", str(synthetic_jsonl))],
+        seeds=[1],
+        max_samples=4,
+        max_new_tokens=8,
+        batch_size=4,
+        device="auto",
+        dtype="bfloat16",
+        output=str(tmp_path / "ev"),
+    )
+    res = evaluate(str(model_dir), cfg, progress=False)
+    assert res["device"] == ("cuda" if torch.cuda.is_available() else resolve_device("auto"))
+    assert res["config"]["dtype"] == "bfloat16"
+    s = res["sets"]["syn"]
+    assert s["n"] == 4 and 0.5 < s["bits_per_byte"] < 2 * math.log2(len(gpt2_tokenizer))
+    if not torch.cuda.is_available():
+        args = [sys.executable, "-m", "pipeline.evaluate", "--checkpoint", str(model_dir), "device=cuda:0"]
+        out = subprocess.run(args, capture_output=True, text=True)
+        assert out.returncode == 2 and "eval.device=cuda:0: CUDA is not available" in out.stderr
+        assert "Traceback" not in out.stderr
