@@ -196,3 +196,13 @@ def describe(cls: type, prefix: str = "") -> list[str]:
             default = "<required>"
         lines.append(f"  {prefix}{f.name}={default!r}  {f.metadata.get('help', '')}")
     return lines
+
+
+PRINT_CONFIG_HELP = "print the resolved config (file + overrides + defaults) and exit"
+
+
+def print_config(resolved: dict) -> None:
+    """``--print-config`` of every entry point: the resolved config as YAML on stdout."""
+    import yaml
+
+    print(yaml.safe_dump(resolved, sort_keys=False), end="")

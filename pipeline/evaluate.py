@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import describe, field, load_config, to_dict
+from pipeline.config import PRINT_CONFIG_HELP, describe, field, load_config, print_config, to_dict
 from pipeline.records import DataConfig, read_records
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "dskd"
@@ -375,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", required=True, help="an HF model dir (e.g. <run>/export)")
     ap.add_argument("--config", help="YAML (configs/eval/*.yaml); default: the four DSKD test sets")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     try:  # user mistakes in the config or the device: one line, not a traceback
@@ -384,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.exit(2, f"error: {e}\n")
     if not cfg.sets:
         cfg.sets = dskd_sets()
+    if args.print_config:
+        print_config(to_dict(cfg))
+        return 0
     missing = [s.path for s in cfg.sets if not Path(s.path).exists()]
     if missing:
         raise FileNotFoundError(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.config import describe, load_config, to_dict
+from pipeline.config import describe, load_config, print_config, to_dict
 from student_train.config import TrainConfig
 from student_train.losses.config import PRESETS, ObjectiveConfig
 
@@ -51,10 +51,7 @@ def parse(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     if args.print_config:
         import dataclasses
 
-        import yaml
-
-        resolved = {**to_dict(cfg), "objective": dataclasses.asdict(cfg.objective_config())}
-        print(yaml.safe_dump(resolved, sort_keys=False), end="")
+        print_config({**to_dict(cfg), "objective": dataclasses.asdict(cfg.objective_config())})
         sys.exit(0)
     return cfg, args
 

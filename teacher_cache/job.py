@@ -25,7 +25,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.config import config_hash, describe, field, load_config
+from pipeline.config import (
+    PRINT_CONFIG_HELP,
+    config_hash,
+    describe,
+    field,
+    load_config,
+    print_config,
+    to_dict,
+)
 from pipeline.records import DataConfig, ReadStats, Record, read_records, records_fingerprint
 from teacher_cache import storage
 from teacher_cache.format import (
@@ -590,11 +598,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", help="YAML config (configs/cache/*.yaml)")
     parser.add_argument("--no-progress", action="store_true", help="disable progress bars")
+    parser.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
     parser.add_argument(
         "overrides", nargs="*", help="dotted overrides, e.g. ray.batch_size=4 cache.hidden_dtype=int8"
     )
     args = parser.parse_args(argv)
-    cfg = load_config(CacheJobConfig, args.config, args.overrides)
+    try:  # a user mistake in the config: one line, not a traceback
+        cfg = load_config(CacheJobConfig, args.config, args.overrides)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    if args.print_config:
+        print_config(to_dict(cfg))
+        return 0
     run(cfg, progress=not args.no_progress)
     return 0
 

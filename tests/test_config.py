@@ -121,3 +121,34 @@ def test_print_config_shows_the_resolved_objective():
     cfg = yaml.safe_load(res.stdout)
     assert cfg["objective"]["logit_kd"] == "mined" and cfg["objective"]["lambda_logit"] == 0.5
     assert cfg["student"]["keep_layers"] == 24 and cfg["data"]["truncation"] == "warn"
+
+
+@pytest.mark.parametrize(
+    "entry,key",
+    [
+        (
+            ["-m", "teacher_cache.job", "--config", "configs/cache/smollm2_dolly.yaml"],
+            ("cache", "hidden_dtype"),
+        ),
+        (["-m", "pipeline.evaluate", "--checkpoint", "x"], ("dtype",)),
+        (
+            ["student_train/main.py", "--config", "configs/train/smollm2_gpt2_dolly.yaml"],
+            ("objective", "lambda_ga"),
+        ),
+    ],
+)
+def test_every_entry_point_prints_its_resolved_config_and_refuses_bad_keys_in_one_line(entry, key):
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, *entry, "--print-config"], cwd=repo, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    node = yaml.safe_load(res.stdout)
+    for k in key:
+        node = node[k]
+    assert node is not None
+    bad = subprocess.run([sys.executable, *entry, "no_such.key=1"], cwd=repo, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
