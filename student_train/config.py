@@ -186,7 +186,7 @@ class TrainConfig:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
         if t.zero_stage == 3:
             zero["stage3_gather_16bit_weights_on_model_save"] = True
-        return {
+        ds = {
             "train_micro_batch_size_per_gpu": t.micro_batch,
             "gradient_accumulation_steps": t.grad_accum,
             "train_batch_size": t.micro_batch * t.grad_accum * world_size,
@@ -197,3 +197,8 @@ class TrainConfig:
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
+        if "offload_optimizer" in zero:
+            # the run's own AdamW (two parameter groups) on the offloaded CPU states, instead of DeepSpeed
+            # refusing any optimizer but its CPU Adam
+            ds["zero_force_ds_cpu_optimizer"] = False
+        return ds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -614,3 +615,27 @@ def test_dskd_cma_ga_trains_checkpoints_and_resumes_its_discriminator(tmp_path, 
     assert all(not torch.equal(whole[k], still[k]) for k in disc)  # trained vs left at its (seeded) init
     recs = _metrics(tmp_path / "whole")
     assert all(r["term/kq_adversarial"] > 0 and r["term/kd_teacher"] > 0 for r in recs)
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_optimizer_offload_trains_with_the_runs_own_adamw(tmp_path, cache_dir, student_dir, zero):
+    """train.offload=true: optimizer states on the CPU with the run's AdamW (two parameter groups), through the
+    real launcher; the loss is finite, the run resumes from its offloaded checkpoint, and the export loads."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    extra = [
+        "train.micro_batch=2",
+        f"train.zero_stage={zero}",
+        "train.offload=true",
+        "output.save_every=1",
+        "data.verify_checksums=false",
+    ]
+    launch(_args(student_dir, cache_dir, out, *extra, "train.max_steps=2"), 1)
+    res = launch(_args(student_dir, cache_dir, out, *extra, "train.max_steps=3"), 1)
+    assert "resuming at step 2" in res.stdout
+    recs = _metrics(out)
+    assert [r["step"] for r in recs] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in recs)
+    assert json.loads((out / "deepspeed_config.json").read_text())["zero_force_ds_cpu_optimizer"] is False
+    model = AutoModelForCausalLM.from_pretrained(out / "export")
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
