@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.config import field
@@ -124,6 +125,11 @@ class TrainLoop:
     collective_timeout_s: float = field(
         1800.0, help="a collective (all-reduce, barrier) waiting longer than this fails the run with an error"
     )
+    deepspeed_config: str | None = field(
+        None,
+        help="a DeepSpeed JSON merged over the derived dict (any key this config does not own, e.g. "
+        "zero_optimization.reduce_bucket_size, activation_checkpointing); a key it owns must agree or is an error",
+    )
 
     def validate(self) -> None:
         if self.micro_batch < 1 or self.grad_accum < 1 or self.epochs < 1:
@@ -201,4 +207,52 @@ class TrainConfig:
             # the run's own AdamW (two parameter groups) on the offloaded CPU states, instead of DeepSpeed
             # refusing any optimizer but its CPU Adam
             ds["zero_force_ds_cpu_optimizer"] = False
+        if t.deepspeed_config:
+            ds = merge_deepspeed(ds, _read_json(t.deepspeed_config))
         return ds
+
+
+# the DeepSpeed keys the training config owns (set through train.* / optim.*): a user JSON may repeat them
+# only with the same value
+_OWNED = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "train_batch_size": "train.micro_batch x train.grad_accum x world size",
+    "gradient_clipping": "optim.clip_grad",
+    "zero_optimization.stage": "train.zero_stage",
+    "zero_optimization.offload_optimizer": "train.offload",
+    "bf16": "train.precision",
+    "bf16.enabled": "train.precision",
+    "optimizer": "optim.* (the run builds its own AdamW)",
+    "scheduler": "optim.* (the run builds its own schedule)",
+}
+
+
+def _read_json(path: str) -> dict:
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"train.deepspeed_config={path}: not a readable JSON file ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"train.deepspeed_config={path}: must hold a JSON object")
+    return data
+
+
+def merge_deepspeed(derived: dict, user: dict, prefix: str = "") -> dict:
+    """``user`` merged over ``derived``: new keys are added (nested dicts merged); a key the training config
+    owns (``_OWNED``) must agree with the derived value, otherwise a ValueError names it and its config key."""
+    out = dict(derived)
+    for key, value in user.items():
+        dotted = prefix + key
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and dotted not in _OWNED:
+            out[key] = merge_deepspeed(out[key], value, dotted + ".")
+            continue
+        if dotted in _OWNED and (key not in out or out[key] != value):
+            raise ValueError(
+                f"train.deepspeed_config sets {dotted}={value!r}, which the training config owns "
+                f"({_OWNED[dotted]}, derived value {out.get(key)!r}); set it there instead"
+            )
+        out[key] = value
+    return out
