@@ -234,7 +234,10 @@ class TeacherCache:
         return t["weight"], t.get("bias")
 
     def load_embeddings(self) -> torch.Tensor:
-        """Teacher input-embedding table ``[V_T, d_T]``."""
+        """Teacher input-embedding table ``[V_T, d_T]`` (a teacher with tied embeddings has it stored once, as
+        the head's weight; caches written before that keep a copy in their embeddings file)."""
+        if EMBED_FILE not in self.manifest.files and self.manifest.teacher.get("tied_embeddings"):
+            return self.load_head()[0]
         return self._load_tensors(EMBED_FILE)["weight"]
 
     def load_teacher_tokenizer(self, override: str | None = None):

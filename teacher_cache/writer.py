@@ -144,10 +144,10 @@ def describe_loaded(model, teacher, uri: str, probe_ids: list[list[int]]) -> dic
     if getattr(head, "bias", None) is not None:
         tensors["bias"] = head.bias.detach().contiguous().cpu()
     files = {}
-    for name, tdict in (
-        (HEAD_FILE, tensors),
-        (EMBED_FILE, {"weight": model.get_input_embeddings().weight.detach().contiguous().cpu()}),
-    ):
+    stored = [(HEAD_FILE, tensors)]
+    if not facts["tied_embeddings"]:  # a tied table is the head's weight: stored once, in the head file
+        stored.append((EMBED_FILE, {"weight": model.get_input_embeddings().weight.detach().contiguous().cpu()}))
+    for name, tdict in stored:
         blob = save(tdict)
         storage.atomic_write(fs, storage.join(root, name), blob)
         files[name] = {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}

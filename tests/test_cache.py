@@ -645,3 +645,21 @@ def test_standard_arrow_readers_read_the_shard_folder(llama_cache):
         torch.testing.assert_close(
             decode_hidden(values.astype(np.int64), scale, dtype), decode_hidden(values, scale, dtype)
         )
+
+
+def test_tied_embeddings_are_stored_once(ray_session, tmp_path, synthetic_jsonl, gpt2_tokenizer):
+    """A teacher whose input embeddings are its head (GPT-2 ties them) gets one tensor file, not two; the
+    reader hands the head's weight out as the embedding table."""
+    from pipeline.tiny import save_tiny_model
+    from teacher_cache.format import EMBED_FILE, HEAD_FILE
+
+    teacher = save_tiny_model(tmp_path / "gpt2-teacher", "gpt2", gpt2_tokenizer, hidden=32)
+    out = tmp_path / "cache"
+    manifest = run(_cfg(synthetic_jsonl, teacher, out, "data.max_records=8"), progress=False)
+    assert manifest.teacher["tied_embeddings"] is True
+    assert (
+        HEAD_FILE in manifest.files and EMBED_FILE not in manifest.files and not (out / EMBED_FILE).exists()
+    )
+    model = load_teacher(TeacherConfig(path=str(teacher)))
+    cache = open_cache(str(out), verify=True)
+    assert torch.equal(cache.load_embeddings(), model.get_input_embeddings().weight)
