@@ -298,6 +298,27 @@ def flat_config(cfg) -> dict:
     return out
 
 
+def default_settings() -> dict:
+    """The flat settings of a default training config (what a key added by a newer release is worth)."""
+    from student_train.config import TrainConfig
+
+    return flat_config(TrainConfig())
+
+
+def changed_settings(before: dict, now: dict, defaults: dict) -> dict[str, tuple]:
+    """``{key: (checkpoint's value, this run's value)}`` for every setting that differs. A key the checkpoint
+    lacks (added by a newer release) counts only when this run moves it off its default; a key this run lacks
+    (removed since) does not count: it can no longer be set."""
+    changed = {}
+    for key, value in now.items():
+        if key in before:
+            if before[key] != value:
+                changed[key] = (before[key], value)
+        elif key not in defaults or defaults[key] != value:
+            changed[key] = ("<absent>", value)
+    return changed
+
+
 def load_checkpoint(engine, ckpt_dir: Path, expect: dict, settings: dict | None = None) -> Cursor | None:
     """Resume from ``ckpt_dir/latest`` if present; refuses a checkpoint of another config or cache, and any
     file that would unpickle more than tensors and the few DeepSpeed types of ``checkpoint_safe_globals``."""
@@ -310,19 +331,22 @@ def load_checkpoint(engine, ckpt_dir: Path, expect: dict, settings: dict | None 
         raise RuntimeError(
             f"{ckpt_dir}: 'latest' exists but the checkpoint could not be loaded; delete it to start over"
         )
-    before = client.get("settings") or {}
-    changed = {k: (before.get(k), v) for k, v in (settings or {}).items() if k in before and before[k] != v}
-    for key, value in expect.items():
-        if client.get(key) != value:
-            named = {k: c for k, c in changed.items() if not resume_safe(k)}
-            what = (
-                ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in named.items())
-                or f"{key}={client.get(key)!r}"
-            )
-            raise RuntimeError(
-                f"{path}: this run differs from the checkpoint's in what it trains ({what}); use another "
-                "output.dir, or set output.resume=false to start fresh"
-            )
+    before = client.get("settings")
+    if before is None or settings is None:  # a checkpoint without its settings: only the identity hash
+        changed, blocking = {}, [k for k, v in expect.items() if client.get(k) != v]
+    else:
+        changed = changed_settings(before, settings, default_settings())
+        blocking = [k for k in changed if not resume_safe(k)]
+        blocking += [k for k, v in expect.items() if k != "config_hash" and client.get(k) != v]
+    if blocking:
+        what = ", ".join(
+            f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" if k in changed else f"{k}={client.get(k)!r}"
+            for k in blocking
+        )
+        raise RuntimeError(
+            f"{path}: this run differs from the checkpoint's in what it trains ({what}); use another "
+            "output.dir, or set output.resume=false to start fresh"
+        )
     safe = {k: c for k, c in changed.items() if resume_safe(k) and not k.startswith("output.")}
     if safe and dist.get_rank() == 0:
         print(

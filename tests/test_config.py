@@ -152,3 +152,23 @@ def test_every_entry_point_prints_its_resolved_config_and_refuses_bad_keys_in_on
     assert node is not None
     bad = subprocess.run([sys.executable, *entry, "no_such.key=1"], cwd=repo, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+
+
+def test_resume_compares_settings_key_by_key_and_tolerates_keys_a_newer_release_added():
+    """A checkpoint saved before a config key existed resumes while the run keeps that key at its default;
+    moving it off the default, or changing any key both sides have, is a change (named)."""
+    from student_train.trainer import changed_settings, default_settings
+
+    defaults = default_settings()
+    now = dict(defaults)
+    before = {k: v for k, v in now.items() if k != "train.deepspeed_config"}  # saved by an older release
+    assert changed_settings(before, now, defaults) == {}
+    assert changed_settings(before, {**now, "train.deepspeed_config": "ds.json"}, defaults) == {
+        "train.deepspeed_config": ("<absent>", "ds.json")
+    }
+    assert changed_settings(before, {**now, "optim.lr": 0.1}, defaults) == {
+        "optim.lr": (defaults["optim.lr"], 0.1)
+    }
+    assert (
+        changed_settings({**before, "removed.key": 1}, now, defaults) == {}
+    )  # a key no release sets any more
