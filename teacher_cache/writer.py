@@ -146,7 +146,9 @@ def describe_loaded(model, teacher, uri: str, probe_ids: list[list[int]]) -> dic
     files = {}
     stored = [(HEAD_FILE, tensors)]
     if not facts["tied_embeddings"]:  # a tied table is the head's weight: stored once, in the head file
-        stored.append((EMBED_FILE, {"weight": model.get_input_embeddings().weight.detach().contiguous().cpu()}))
+        stored.append(
+            (EMBED_FILE, {"weight": model.get_input_embeddings().weight.detach().contiguous().cpu()})
+        )
     for name, tdict in stored:
         blob = save(tdict)
         storage.atomic_write(fs, storage.join(root, name), blob)
