@@ -9,6 +9,7 @@ state after reading ``input_ids[0..t]``, i.e. the state that predicts ``input_id
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -124,7 +125,8 @@ COLUMNS: tuple[Column, ...] = (
 )
 
 
-def columns(layout: Layout) -> list[Column]:
+@functools.lru_cache(maxsize=64)
+def columns(layout: Layout) -> tuple[Column, ...]:
     """The columns of a shard with this layout, in schema order: the table, then one hidden column per
     intermediate layer; every int8 hidden column brings its per-token scale column."""
     layer_cols = [
@@ -136,7 +138,7 @@ def columns(layout: Layout) -> list[Column]:
         out.append(c)
         if c.dtype == "hidden" and layout.hidden_dtype == "int8":
             out.append(Column(f"{c.name}_scale", c.per, "float32", doc=f"per-token scale of {c.name}"))
-    return out
+    return tuple(out)
 
 
 def schema(layout: Layout) -> pa.Schema:

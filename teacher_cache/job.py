@@ -264,6 +264,7 @@ class ShardWriter:
         self.uri, self.expected = uri, {int(k): v for k, v in shard_rows.items()}
         # the hidden width is learnt from the first row: the teacher is only described inside its actors
         self.top_k, self.hidden_dtype, self.layers, self.fp = top_k, hidden_dtype, tuple(layers), job_fp
+        self.layout = None
         self.pending: dict[int, list[dict]] = {}
 
     def __call__(self, batch: dict) -> dict:
@@ -272,8 +273,11 @@ class ShardWriter:
 
         done = []
         for i in range(len(batch["sample_id"])):
-            layout = Layout(int(batch["hidden"][i].shape[1]), self.top_k, self.hidden_dtype, self.layers)
-            row = {c.name: _plain(batch[c.name][i]) for c in columns(layout)}
+            if self.layout is None:  # the hidden width, learnt from the first row
+                self.layout = Layout(
+                    int(batch["hidden"][i].shape[1]), self.top_k, self.hidden_dtype, self.layers
+                )
+            row = {c.name: _plain(batch[c.name][i]) for c in columns(self.layout)}
             row.update(
                 truncated_prompt=bool(batch["truncated_prompt"][i]),
                 truncated_total=bool(batch["truncated_total"][i]),
@@ -281,7 +285,9 @@ class ShardWriter:
             shard = int(batch["shard"][i])
             self.pending.setdefault(shard, []).append(row)
             if len(self.pending[shard]) == self.expected[shard]:
-                entry = write_shard(self.uri, shard, self.pending.pop(shard), layout, job_fingerprint=self.fp)
+                entry = write_shard(
+                    self.uri, shard, self.pending.pop(shard), self.layout, job_fingerprint=self.fp
+                )
                 done.append(json.dumps(entry))
         return {"entry": np.array(done, dtype=object)}
 
