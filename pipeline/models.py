@@ -86,7 +86,8 @@ def models_root() -> Path:
     return Path(os.environ.get("XTOKD_MODELS", Path.home() / ".cache" / "xtokd" / "models"))
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a local file, read in chunks."""
     h = hashlib.sha256()
     with path.open("rb") as fh:
         while chunk := fh.read(_CHUNK):
@@ -146,7 +147,7 @@ def join_gguf(spec: ModelSpec, dest: Path) -> Path:
 
 def _record(hf_dir: Path) -> dict[str, dict]:
     return {
-        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
         for p in sorted(hf_dir.iterdir())
         if p.is_file()
     }
@@ -163,7 +164,7 @@ def verify(folder: Path, full: bool = True) -> dict:
         p = hf / name
         if not p.is_file() or p.stat().st_size != want["bytes"]:
             raise ModelError(f"{p} is missing or has the wrong size; delete {folder} and prepare it again")
-        if full and _sha256(p) != want["sha256"]:
+        if full and file_sha256(p) != want["sha256"]:
             raise ModelError(f"{p} does not match its recorded sha256; delete {folder} and prepare it again")
     return rec
 

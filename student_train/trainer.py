@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pipeline.models import file_sha256
 from student_train.data import DistillBatch
 from student_train.losses.config import TERM_NAMES as TERMS
 
@@ -168,16 +169,6 @@ class CheckpointIntegrityError(RuntimeError):
     """A checkpoint file differs from (or is missing in) the checksums recorded when it was saved."""
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def record_checksums(tag_dir: Path, rank: int) -> None:
     """sha256 of the checkpoint files this rank owns (its ``zero_pp_rank_<rank>_*`` files; rank 0 also the
     shared ones), in ``<tag>/xtokd_checksums/rank-<rank>.json``: one writer per file, also without a shared
@@ -187,7 +178,7 @@ def record_checksums(tag_dir: Path, rank: int) -> None:
         m = _RANK_FILE.match(name)
         return int(m.group(1)) == rank if m else rank == 0
 
-    sums = {p.name: _sha256(p) for p in sorted(tag_dir.iterdir()) if p.is_file() and owned(p.name)}
+    sums = {p.name: file_sha256(p) for p in sorted(tag_dir.iterdir()) if p.is_file() and owned(p.name)}
     out = tag_dir / CHECKSUM_DIR
     out.mkdir(exist_ok=True)
     tmp = out / f"rank-{rank}.json.tmp"
@@ -214,7 +205,7 @@ def verify_checksums(tag_dir: Path) -> None:
                 f"{p}: not among the files this checkpoint was saved with; refusing to load it (remove it, or "
                 "set output.resume=false)"
             )
-        if _sha256(p) != recorded[p.name]:
+        if file_sha256(p) != recorded[p.name]:
             raise CheckpointIntegrityError(
                 f"{p}: its sha256 differs from the one recorded when the checkpoint was saved (the file was "
                 "replaced or damaged); refusing to load it"
