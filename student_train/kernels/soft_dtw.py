@@ -1,6 +1,6 @@
 """Fast Soft-DTW (Cuturi & Blondel 2017) on precomputed cost matrices, with a hand-written backward.
 
-Layering (design notes: shared/docs/SOFT_DTW.md §5): the cost matrix ``C`` (cosine distance plus the band
+Layering (design notes: docs/SOFT_DTW.md §5): the cost matrix ``C`` (cosine distance plus the band
 penalty) is built in torch, where autograd differentiates it; this module maps ``C [B, N, M] -> values [B]``
 through one ``torch.autograd.Function`` whose backward is the expected-alignment recursion
 ``E = d sdtw / d C``. The divergence runs its three DPs as ``3B`` pairs of that same single call.
