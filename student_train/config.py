@@ -121,6 +121,11 @@ class TrainLoop:
     zero_stage: int = field(1, help="DeepSpeed ZeRO stage 0-3")
     offload: bool = field(False, help="offload optimizer state to CPU (ZeRO >= 1)")
     max_nan_skips: int = field(10, help="stop the run after this many skipped non-finite steps")
+    projector_prefit_steps: int = field(
+        0,
+        help="micro-batches fitting the query/t2s projectors on proj_ce alone before training, student "
+        "untouched (not in the papers; student_train/prefit.py). 0 = off",
+    )
     log_every: int = field(1, help="optimizer steps between metric records")
     collective_timeout_s: float = field(
         1800.0, help="a collective (all-reduce, barrier) waiting longer than this fails the run with an error"
@@ -134,6 +139,8 @@ class TrainLoop:
     def validate(self) -> None:
         if self.micro_batch < 1 or self.grad_accum < 1 or self.epochs < 1:
             raise ValueError("train.micro_batch, train.grad_accum and train.epochs must be >= 1")
+        if self.projector_prefit_steps < 0:
+            raise ValueError(f"train.projector_prefit_steps must be >= 0, got {self.projector_prefit_steps}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
 
@@ -174,6 +181,11 @@ class TrainConfig:
             raise ValueError(
                 f"objective {self.objective_config().method!r} needs a teacher cache: set data.cache "
                 "(build one with `python -m teacher_cache.job`), or use objective.preset=sft"
+            )
+        if self.train.projector_prefit_steps and not self.objective_config().needs_cma:
+            raise ValueError(
+                f"train.projector_prefit_steps={self.train.projector_prefit_steps}: objective "
+                f"{self.objective_config().method!r} has no cross-model attention projectors to pre-fit"
             )
         if not self.data.cache and not self.data.sft_path:
             raise ValueError("set data.cache (distillation) or data.sft_path (SFT without a teacher)")

@@ -26,6 +26,7 @@ from student_train.align import batch_alignment
 from student_train.cli import banner, parse
 from student_train.data import Schedule, ScheduledBatches, collate_kwargs, open_rows
 from student_train.model import build_distiller, export_trained, load_student, load_student_tokenizer
+from student_train.prefit import prefit_projectors
 from student_train.trainer import (
     Cursor,
     MetricsLog,
@@ -62,6 +63,19 @@ def main(argv=None) -> int:
     # the student and what its objective needs from the cache (head, embeddings): never a teacher model
     student = load_student(cfg)
     distiller = build_distiller(cfg, objective, student, cache, mined)
+    ckpt_dir = out / "checkpoints"
+
+    def make_loader(epoch: int, start: int):
+        batches = ScheduledBatches(source, sched, epoch, start, collate_kw)
+        return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.data.num_workers)
+
+    fresh = not (cfg.output.resume and (ckpt_dir / "latest").exists())
+    if cfg.train.projector_prefit_steps and fresh:  # a resumed run has its projectors in the checkpoint
+        fit = prefit_projectors(
+            distiller, make_loader(0, 0), cfg.train.projector_prefit_steps, cfg.optim.projector_lr, rank
+        )
+        if rank == 0:
+            print(f"[prefit] {fit}", flush=True)
     opt, lr_sched = make_optimizer(cfg, distiller, total_steps)
     engine, *_ = deepspeed.initialize(
         model=distiller, optimizer=opt, lr_scheduler=lr_sched, config=cfg.deepspeed_config(world)
@@ -73,7 +87,6 @@ def main(argv=None) -> int:
         "config_hash": config_hash({k: v for k, v in settings.items() if not resume_safe(k)}),
         "cache_fingerprint": cache.manifest.job_fingerprint if cache else None,
     }
-    ckpt_dir = out / "checkpoints"
     cursor = (
         load_checkpoint(engine, ckpt_dir, identity, settings) if cfg.output.resume else None
     ) or Cursor()
@@ -88,10 +101,6 @@ def main(argv=None) -> int:
             banner(cfg, objective, world, steps_per_epoch, total_steps, trainable, cache, sched, cursor),
             flush=True,
         )
-
-    def make_loader(epoch: int, start: int):
-        batches = ScheduledBatches(source, sched, epoch, start, collate_kw)
-        return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.data.num_workers)
 
     def save():
         save_checkpoint(engine, ckpt_dir, cursor, {**identity, "settings": settings})

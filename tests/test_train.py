@@ -639,3 +639,27 @@ def test_optimizer_offload_trains_with_the_runs_own_adamw(tmp_path, cache_dir, s
     assert json.loads((out / "deepspeed_config.json").read_text())["zero_force_ds_cpu_optimizer"] is False
     model = AutoModelForCausalLM.from_pretrained(out / "export")
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_projector_prefit_lowers_proj_ce_before_training(tmp_path, cache_dir, student_dir):
+    """The pre-fit fits query/t2s on proj_ce alone; the run then starts from those projectors (both ranks)."""
+    common = ["objective.preset=dwa_kd", "train.micro_batch=2", "train.max_steps=1", "train.zero_stage=2"]
+    plain = launch(_args(student_dir, cache_dir, tmp_path / "plain", *common), 2)
+    assert "[prefit]" not in plain.stdout
+    res = launch(
+        _args(student_dir, cache_dir, tmp_path / "fit", *common, "train.projector_prefit_steps=8"), 2
+    )
+    fit = [line for line in res.stdout.splitlines() if line.startswith("[prefit] {")]
+    assert len(fit) == 1, res.stdout[-3000:]
+    info = eval(fit[0][len("[prefit] ") :], {"__builtins__": {}}, {"nan": float("nan")})  # noqa: S307
+    assert info["steps"] == 8 and info["last"] < info["first"]
+    before, after = _metrics(tmp_path / "plain")[0], _metrics(tmp_path / "fit")[0]
+    assert after["term/proj_ce"] < before["term/proj_ce"]
+    bad = launch(
+        _args(
+            student_dir, cache_dir, tmp_path / "sft", "objective.preset=uld", "train.projector_prefit_steps=2"
+        ),
+        1,
+        check=False,
+    )
+    assert bad.returncode != 0 and "has no cross-model attention projectors" in bad.stderr + bad.stdout

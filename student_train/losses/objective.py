@@ -46,6 +46,7 @@ __all__ = [
     "ObjectiveOutput",
     "compute_objective",
     "compute_terms",
+    "projected_ce",
 ]
 
 
@@ -153,6 +154,50 @@ def compute_terms(
             proj.kq_discriminator, cma.queries, cma.keys, s_mask, t_mask
         ).to(dtype)
     return terms, counts
+
+
+def projected_ce(
+    cfg: ObjectiveConfig,
+    projectors: Projectors,
+    *,
+    student_embeddings: torch.Tensor,
+    student_head: torch.Tensor,
+    student_input_ids: torch.Tensor,
+    student_labels: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_input_ids: torch.Tensor,
+    teacher_labels: torch.Tensor,
+    teacher_embeddings: torch.Tensor,
+    teacher_attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``proj_ce`` alone (a sum over student response tokens) and that token count.
+
+    ``proj_ce`` reads the student only through its embedding table and head (both constants here), so it
+    needs no student forward: this is what a projector pre-fit minimises. Its gradient reaches the
+    ``query`` and ``t2s`` projectors only.
+    """
+    s_mask = student_labels.ne(IGNORE_INDEX)
+    dtype = torch.float64 if teacher_hidden.dtype == torch.float64 else torch.float32
+    table = student_embeddings.detach()
+    inputs = ObjectiveInputs(
+        student_logits=torch.empty(0),
+        student_labels=student_labels,
+        student_hidden=torch.zeros(*student_input_ids.shape, table.shape[1], dtype=dtype),
+        student_input_embeds=F.embedding(formal_ids(student_input_ids, student_labels), table),
+        student_target_embeds=F.embedding(formal_ids(student_labels, student_labels), table),
+        student_head=student_head.detach(),
+        teacher_hidden=teacher_hidden,
+        teacher_input_ids=teacher_input_ids,
+        teacher_labels=teacher_labels,
+        teacher_embeddings=teacher_embeddings,
+        teacher_attention_mask=teacher_attention_mask,
+    )
+    t_mask = teacher_labels.ne(IGNORE_INDEX)
+    batch = _Batch(inputs, s_mask, t_mask, student_labels[s_mask], None, dtype)
+    t_table = teacher_embeddings.detach()
+    t_target_embeds = F.embedding(formal_ids(teacher_labels, teacher_labels), t_table).to(dtype)
+    cma = _cma(cfg, batch, projectors, t_table, t_target_embeds)
+    return F.cross_entropy(cma.z_t2s, batch.y, reduction="sum"), s_mask.sum()
 
 
 def _cma(
