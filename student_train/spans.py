@@ -39,22 +39,26 @@ import numpy as np
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _WORD = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+(?:['\u2019][^\W_{_CJK}]+)*")
 
+def _wordset(words: str) -> frozenset[str]:
+    return frozenset(words.split())
+
+
 _OPENERS = {
-    "det": frozenset(
+    "det": _wordset(
         "the a an this that these those my your his her its our their some any every each no all both "
-        "either neither another such what whose".split()
+        "either neither another such what whose"
     ),
-    "aux": frozenset(
+    "aux": _wordset(
         "is are was were be been being am do does did have has had will would shall should can could may "
-        "might must 's 're 've 'll 'd".split()
+        "might must 's 're 've 'll 'd"
     ),
 }
-_BREAKERS = frozenset(
+_BREAKERS = _wordset(
     "of in on at by for with about against between into through during before after above below to from "
     "up down over under again further then once and but or nor so yet because as until while if than "
-    "although though whether since unless where when why how which who whom".split()
+    "although though whether since unless where when why how which who whom"
 )
-_PRONOUNS = frozenset("i you he she it we they me him us them myself yourself itself themselves".split())
+_PRONOUNS = _wordset("i you he she it we they me him us them myself yourself itself themselves")
 
 
 @dataclass(frozen=True)
