@@ -3,7 +3,8 @@
 # (finished runs and evaluations are kept and skipped). Hours on 2 CPU cores; the work directory lives outside
 # the work tree so that it outlives a fresh checkout: WORK=${WORK:-$HOME/xtokd-runs/quality-pair}.
 #   1. the LR, chosen once on the held-out Dolly dev slice with SFT (lowest bits-per-byte);
-#   2. SFT, DSKD, DWA-KD over 3 training seeds (seed 1 first), then the baselines and the Teacher row.
+#   2. SFT, DSKD, DWA-KD over 3 training seeds (seed 1 first), then DWA-KD and DSKD with the projector pre-fit,
+#      then the baselines and the Teacher row.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-$HOME/xtokd-runs/quality-pair}
@@ -20,5 +21,8 @@ echo "selected lr $LR" | tee "$WORK/selected_lr.txt"
     --out "$WORK/main-seed1.json" --md "$WORK/main-seed1.md"
 "$PY" "${Q[@]}" --lrs "$LR" --methods sft,dskd,dwa_kd --seeds 1,2,3 --bpb-samples 500 --student-base \
     --out "$WORK/main.json" --md "$WORK/main.md"
+# the projector pre-fit (docs/BENCHMARKS.md, "why KD does not beat SFT"): one pass over the rows fitting query/t2s
+"$PY" "${Q[@]}" --lrs "$LR" --methods dwa_kd,dskd --seeds 1,2,3 --bpb-samples 500 \
+    --set train.projector_prefit_steps=75 --out "$WORK/prefit.json" --md "$WORK/prefit.md"
 "$PY" "${Q[@]}" --lrs "$LR" --methods sft,dskd,dwa_kd,uld,mined,multilevel_ot --seeds 1,2,3 --bpb-samples 500 \
     --student-base --teacher --out "$WORK/all.json" --md "$WORK/all.md"
