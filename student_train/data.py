@@ -21,6 +21,7 @@ import torch
 
 from pipeline.tokenize import IGNORE_INDEX, tokenize_pair
 from student_train.align import BatchAlignment, check_offsets
+from student_train.spans import sample_spans
 from teacher_cache.format import CachedRow
 
 
@@ -39,6 +40,10 @@ class DistillBatch:
     Alignments (only when the objective needs them, :class:`student_train.align.BatchAlignment`):
         aligned_positions ``[B, n]`` long, the character-offset pairing; mined_positions ``[B, n]`` long,
         MinED's edit-distance alignment; both teacher positions, ``-1`` where there is none.
+        t_layers ``{layer: [B, m, d_T]}`` cached intermediate teacher layers; t_entropy ``[B, m]``;
+        word_spans / phrase_spans ``([B, n], [B, m])`` long span ids (:func:`student_train.spans.sample_spans`,
+        over prompt and response), ``-1`` = none; span_fallbacks: samples whose phrases are their words (the
+        chunker could not parse the text).
     sample_ids: the B cache keys.
     """
 
@@ -54,15 +59,28 @@ class DistillBatch:
     t_topk_logprobs: torch.Tensor | None = None
     aligned_positions: torch.Tensor | None = None
     mined_positions: torch.Tensor | None = None
+    t_layers: dict[int, torch.Tensor] | None = None
+    t_entropy: torch.Tensor | None = None
+    word_spans: tuple[torch.Tensor, torch.Tensor] | None = None
+    phrase_spans: tuple[torch.Tensor, torch.Tensor] | None = None
     cut_vs_teacher: int = 0
+    span_fallbacks: int = 0
 
     @property
     def num_label_tokens(self) -> int:
         return int(self.labels.ne(IGNORE_INDEX).sum())
 
     def to(self, device) -> DistillBatch:
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
-        return DistillBatch(**moved)
+        def move(v):
+            if isinstance(v, torch.Tensor):
+                return v.to(device)
+            if isinstance(v, tuple):
+                return tuple(move(x) for x in v)
+            if isinstance(v, dict):
+                return {k: move(x) for k, x in v.items()}
+            return v
+
+        return DistillBatch(**{k: move(v) for k, v in vars(self).items()})
 
 
 def _labels_for(ids: np.ndarray, response_start: int) -> np.ndarray:
@@ -159,6 +177,25 @@ def collate(
         return batch
     if alignment.topk:
         batch.t_topk_logprobs = pad_positions(rows, "topk_logprobs", m)
+    if alignment.layers:
+        batch.t_layers = {n: _pad([r.layers[n] for r in rows], m) for n in alignment.layers}
+    if alignment.entropy:
+        batch.t_entropy = pad_positions(rows, "entropy", m)
+    if alignment.spans:
+        found = [
+            sample_spans(r.prompt + r.response, s_offsets[i], len(s_ids[i]), r.offsets, len(r.input_ids) - 1)
+            for i, r in enumerate(rows)
+        ]
+        kinds = {}
+        for kind, width in (("word_student", n), ("word_teacher", m), ("phrase_student", n), ("phrase_teacher", m)):
+            ids = torch.full((bsz, width), -1, dtype=torch.long)
+            for i, f in enumerate(found):
+                got = getattr(f, kind)
+                ids[i, : len(got)] = torch.from_numpy(got)
+            kinds[kind] = ids
+        batch.word_spans = (kinds["word_student"], kinds["word_teacher"])
+        batch.phrase_spans = (kinds["phrase_student"], kinds["phrase_teacher"])
+        batch.span_fallbacks = sum(f.fallback for f in found)
     if alignment.offsets or alignment.mined is not None:
         pos = {
             "offsets": torch.full((bsz, n), -1, dtype=torch.long),
@@ -191,12 +228,15 @@ def collate(
 def pad_positions(rows: list[CachedRow], column: str, width: int) -> torch.Tensor:
     """Per-position column ``column`` of each row as one float32 tensor ``[B, width, ...]``, zeros past each
     row's ``P`` positions (the pad rows that ``t_mask`` marks)."""
-    cells = [getattr(r, column) for r in rows]
+    return _pad([getattr(r, column) for r in rows], width)
+
+
+def _pad(cells: list, width: int) -> torch.Tensor:
     cells = [
         c.float() if isinstance(c, torch.Tensor) else torch.from_numpy(np.asarray(c, np.float32))
         for c in cells
     ]
-    out = torch.zeros((len(rows), width, *cells[0].shape[1:]), dtype=torch.float32)
+    out = torch.zeros((len(cells), width, *cells[0].shape[1:]), dtype=torch.float32)
     for i, cell in enumerate(cells):
         out[i, : len(cell)] = cell
     return out
@@ -294,8 +334,10 @@ def open_rows(cfg, rank: int, world: int):
 
     if not cfg.data.cache:
         return RecordRows(list(read_records(DataConfig(path=cfg.data.sft_path)))), None
+    objective = cfg.objective_config()
+    layers = tuple(n for n in objective.span_teacher_layers if n >= 0) if objective.span_enabled else ()
     expect = CacheExpectation(
-        teacher_name=cfg.data.expect_teacher, tokenizer_sha256=cfg.data.expect_tokenizer_sha256
+        teacher_name=cfg.data.expect_teacher, tokenizer_sha256=cfg.data.expect_tokenizer_sha256, layers=layers
     )
     cache = open_cache(cfg.data.cache, expect=expect)
     if cfg.data.verify_checksums:
