@@ -254,14 +254,25 @@ class MinedVocab:
 
 
 class BatchAlignment:
-    """Per-sample alignments the collate step adds to a batch, as the objective asks for them.
+    """Per-sample alignments and cached extras the collate step adds to a batch, as the objective asks.
 
     ``offsets``: :func:`aligned_next_token_positions`; ``mined``: :func:`mined_aligned_positions` with a
-    :class:`MinedVocab`; ``topk``: carry the cached top-k log-probs.
+    :class:`MinedVocab`; ``topk``: carry the cached top-k log-probs; ``layers``: carry these cached teacher
+    layers (HF indices; the final state is always carried); ``spans``: word and phrase span ids of both
+    sides (:mod:`student_train.spans`); ``entropy``: carry the cached teacher entropy.
     """
 
-    def __init__(self, offsets: bool = False, mined: MinedVocab | None = None, topk: bool = False):
+    def __init__(
+        self,
+        offsets: bool = False,
+        mined: MinedVocab | None = None,
+        topk: bool = False,
+        layers: tuple[int, ...] = (),
+        spans: bool = False,
+        entropy: bool = False,
+    ):
         self.offsets, self.mined, self.topk = offsets, mined, topk
+        self.layers, self.spans, self.entropy = tuple(layers), spans, entropy
 
     def sample(
         self,
@@ -299,9 +310,18 @@ def batch_alignment(objective, cache, student_tokenizer, teacher_tokenizer: str 
     """The per-sample alignments ``objective`` asks the collate step for, or None; and MinED's vocabulary
     (which needs the cache's teacher tokenizer, checked against its fingerprint), or None."""
     topk = objective.logit_kd == "uld_topk"
-    if not (objective.needs_offsets_pairing or objective.needs_mined_alignment or topk):
+    spans = objective.span_enabled
+    if not (objective.needs_offsets_pairing or objective.needs_mined_alignment or topk or spans):
         return None, None
     mined = None
     if objective.needs_mined_alignment:
         mined = MinedVocab(cache.load_teacher_tokenizer(teacher_tokenizer), student_tokenizer)
-    return BatchAlignment(offsets=objective.needs_offsets_pairing, mined=mined, topk=topk), mined
+    alignment = BatchAlignment(
+        offsets=objective.needs_offsets_pairing,
+        mined=mined,
+        topk=topk,
+        layers=tuple(n for n in objective.span_teacher_layers if n >= 0) if spans else (),
+        spans=spans,
+        entropy=spans and objective.span_weighting == "certainty",
+    )
+    return alignment, mined

@@ -187,7 +187,12 @@ def collate(
             for i, r in enumerate(rows)
         ]
         kinds = {}
-        for kind, width in (("word_student", n), ("word_teacher", m), ("phrase_student", n), ("phrase_teacher", m)):
+        for kind, width in (
+            ("word_student", n),
+            ("word_teacher", m),
+            ("phrase_student", n),
+            ("phrase_teacher", m),
+        ):
             ids = torch.full((bsz, width), -1, dtype=torch.long)
             for i, f in enumerate(found):
                 got = getattr(f, kind)

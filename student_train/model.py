@@ -209,6 +209,14 @@ class Distiller(nn.Module):
             inputs.student_target_embeds = emb(formal_ids(batch.labels, batch.labels))
             if cfg.needs_cma:
                 inputs.student_head = _gathered_clone(self.student.get_output_embeddings().weight)
+        if cfg.span_enabled:  # MTA: the layer pairs, the spans and the real positions
+            inputs.student_layers = [out.hidden_states[n] for n in cfg.span_student_layers]
+            inputs.teacher_layers = [
+                batch.t_hidden if n < 0 else batch.t_layers[n] for n in cfg.span_teacher_layers
+            ]
+            inputs.student_attention_mask = batch.attention_mask
+            inputs.word_spans, inputs.phrase_spans = batch.word_spans, batch.phrase_spans
+            inputs.teacher_entropy = batch.t_entropy
         return inputs
 
     def zero_loss(self, batch: DistillBatch) -> torch.Tensor:
@@ -325,7 +333,14 @@ def build_distiller(cfg: TrainConfig, objective, student: nn.Module, cache, mine
     if objective.needs_projectors:
         d_s = student.get_input_embeddings().weight.shape[1]
         kq_hidden = objective.ga_hidden if objective.ga_enabled else None
-        projectors = Projectors(d_s, cache.hidden_size, dtw_embed=objective.dtw_enabled, kq_hidden=kq_hidden)
+        span_pairs = len(objective.span_teacher_layers) if objective.span_enabled else 0
+        projectors = Projectors(
+            d_s,
+            cache.hidden_size,
+            dtw_embed=objective.dtw_enabled,
+            kq_hidden=kq_hidden,
+            span_pairs=span_pairs,
+        )
         if kq_hidden is not None and not objective.ga_train_discriminator:
             projectors.kq_discriminator.requires_grad_(False)  # DSKD-KQ's code: never in the optimizer
         t_emb = cache.load_embeddings().float()

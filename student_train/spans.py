@@ -39,6 +39,7 @@ import numpy as np
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _WORD = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+(?:['\u2019][^\W_{_CJK}]+)*")
 
+
 def _wordset(words: str) -> frozenset[str]:
     return frozenset(words.split())
 
@@ -152,3 +153,38 @@ def shared_span_ids(
     new = {int(old): i for i, old in enumerate(both)}
     renum = np.vectorize(lambda x: new.get(int(x), -1), otypes=[np.int64])
     return (renum(s_ids) if len(s_ids) else s_ids), (renum(t_ids) if len(t_ids) else t_ids), len(both)
+
+
+@dataclass(frozen=True)
+class SampleSpans:
+    """Span ids of one sample's positions on both sides (``-1`` = none), shared numbering per kind."""
+
+    word_student: np.ndarray
+    word_teacher: np.ndarray
+    phrase_student: np.ndarray
+    phrase_teacher: np.ndarray
+    fallback: bool
+
+
+def sample_spans(
+    text: str, s_offsets: np.ndarray, s_len: int, t_offsets: np.ndarray, t_len: int
+) -> SampleSpans:
+    """Words and phrases of ``text`` on the student's first ``s_len`` and the teacher's first ``t_len`` tokens.
+
+    Words are those inside a phrase (MTA's words are the tokens of its kept spans); a span is kept when both
+    sides have a token in it (:func:`shared_span_ids`).
+    """
+    spans = chunk_text(text)
+    phrases = spans.phrases
+    inside = np.zeros(len(spans.words), dtype=bool)
+    if len(phrases):
+        k = np.searchsorted(phrases[:, 0], spans.words[:, 0], side="right") - 1
+        inside = (k >= 0) & (spans.words[:, 1] <= phrases[np.maximum(k, 0), 1])
+    words = spans.words[inside]
+    out = []
+    for kind in (words, phrases):
+        s_ids = token_span_ids(text, np.asarray(s_offsets)[:s_len], kind)
+        t_ids = token_span_ids(text, np.asarray(t_offsets)[:t_len], kind)
+        s_new, t_new, _ = shared_span_ids(s_ids, t_ids, s_len, t_len)
+        out += [s_new, t_new]
+    return SampleSpans(*out, fallback=spans.fallback)

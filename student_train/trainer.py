@@ -425,7 +425,8 @@ class Trainer:
         scale = (
             self.grad_accum * self.world / max(n_global, 1.0)
         )  # undo DeepSpeed's 1/GA and 1/world averaging
-        sums = torch.zeros(len(TERMS) + 2, device=device, dtype=torch.float64)  # loss, terms, cut samples
+        # loss, terms, span fallbacks, cut samples
+        sums = torch.zeros(len(TERMS) + 3, device=device, dtype=torch.float64)
         window_bad, ids = False, []
         lr_used = engine.optimizer.param_groups[0]["lr"]
         for j, b in enumerate(micro):
@@ -443,6 +444,7 @@ class Trainer:
                 engine.backward(out.total * scale)
                 sums[0] += out.total.detach().double()
                 sums[-1] += b.cut_vs_teacher
+                sums[-2] += b.span_fallbacks
                 for k, t in enumerate(TERMS):
                     sums[k + 1] += out.terms[t].double()
             ids.extend(b.sample_ids)
@@ -489,6 +491,7 @@ class Trainer:
             "nan_skips": self.cursor.nan_skips,
             "first_sample": res.sample_ids[0] if res.sample_ids else None,
             "cut_vs_teacher": int(res.sums[-1]),
+            "span_fallbacks": int(res.sums[-2]),
             "samples": samples,
         }
         self._t_last, self._tok_last = now, self.cursor.tokens

@@ -92,9 +92,32 @@ def make_tensors(
     return t
 
 
-def make_projectors(d_s=6, d_t=10, dtype=torch.float32, seed=0, kq_hidden=None):
+def add_spans(t, pairs=1, seed=0):
+    """MTA's inputs on the tensors of :func:`make_tensors`: ``pairs`` layer pairs (the final states), every
+    position real, spans of two positions (words) and of three (phrases) shared by both sides."""
+    bsz, n = t["student_labels"].shape
+    m = t["teacher_labels"].shape[1]
+
+    def ids(length, size):
+        out = torch.arange(length) // size
+        return out.expand(bsz, length).clone()
+
+    k_w, k_p = min(n // 2, m // 2), min(n // 3, m // 3)
+    word = (ids(n, 2).masked_fill(ids(n, 2) >= k_w, -1), ids(m, 2).masked_fill(ids(m, 2) >= k_w, -1))
+    phrase = (ids(n, 3).masked_fill(ids(n, 3) >= k_p, -1), ids(m, 3).masked_fill(ids(m, 3) >= k_p, -1))
+    t.update(
+        student_layers=[t["student_hidden"]] * pairs,
+        teacher_layers=[t["teacher_hidden"]] * pairs,
+        student_attention_mask=torch.ones(bsz, n, dtype=torch.long),
+        word_spans=word,
+        phrase_spans=phrase,
+    )
+    return t
+
+
+def make_projectors(d_s=6, d_t=10, dtype=torch.float32, seed=0, kq_hidden=None, span_pairs=0):
     torch.manual_seed(seed)
-    return Projectors(d_s, d_t, kq_hidden=kq_hidden).to(dtype)
+    return Projectors(d_s, d_t, kq_hidden=kq_hidden, span_pairs=span_pairs).to(dtype)
 
 
 def run(cfg, tensors, projectors):

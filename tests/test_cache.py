@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from _procs import kill_tree
+from safetensors.torch import load_file
 
 from pipeline.config import load_config
 from teacher_cache.format import HIDDEN_DTYPES, MANIFEST, TEACHER_INFO, decode_hidden, encode_hidden
@@ -223,12 +224,29 @@ def test_v2_cache_stores_chosen_layers_and_trains_a_student(
         sys.executable, "tests/_student_probe.py", "--no-progress", f"student.path={student}",
         "student.pad_token=eos", f"data.cache={out}", "train.precision=fp32", "train.zero_stage=0",
         "train.micro_batch=4", "train.max_steps=2", f"output.dir={tmp_path / 'run'}",
+        # MTA over three layer pairs (the first on words), ZeRO-2 and LoRA: the layers come from the cache
+        "objective.preset=mta", "objective.span_teacher_layers=[0,1,-1]",
+        "objective.span_student_layers=[1,2,-1]", "objective.span_word_pairs=1", "lora.enabled=true",
+        "lora.r=4",
     ]  # fmt: skip
+    args[args.index("train.zero_stage=0")] = "train.zero_stage=2"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     probe = json.loads((tmp_path / "run" / "probe.json").read_text())
     assert probe["teacher_loader_imported"] is False and probe["ray_imported"] is False
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all(r["term/span_structure"] > 0 and r["term/kd_teacher"] > 0 for r in recs)
+    assert all(r["span_fallbacks"] == 0 for r in recs)  # English records: the chunker parses them
+    proj = load_file(str(tmp_path / "run" / "export" / "projectors" / "projectors.safetensors"))
+    assert sorted(k for k in proj if k.startswith("span.")) == [
+        f"span.{i}.{p}" for i in range(3) for p in ("bias", "weight")
+    ]
+    # a layer the cache does not hold is refused before training, naming what it holds
+    bad = [*args[:-6], "objective.preset=mta", "objective.span_teacher_layers=[5,-1]",
+           "objective.span_student_layers=[1,-1]", f"output.dir={tmp_path / 'bad-run'}"]  # fmt: skip
+    res = subprocess.run(bad, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode != 0 and "needs teacher layer(s) [5]" in res.stdout + res.stderr
 
 
 def test_manifest_parses_to_its_typed_form_and_back(llama_cache):

@@ -8,7 +8,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _losses_common import _soft_dtw_kernel, cma_of, make_projectors, make_tensors, reference_kernel, run  # noqa: F401
+from _losses_common import (  # noqa: F401  (fixtures)
+    _soft_dtw_kernel,
+    add_spans,
+    cma_of,
+    make_projectors,
+    make_tensors,
+    reference_kernel,
+    run,
+)
 
 from student_train.losses.cma import Projectors, formal_ids
 from student_train.losses.config import TERMS
@@ -34,7 +42,10 @@ def test_presets_build_and_run(name):
     cfg = ObjectiveConfig.preset(name)
     assert cfg.method == name
     t = make_tensors()
-    proj = make_projectors(kq_hidden=cfg.ga_hidden if cfg.ga_enabled else None)
+    pairs = len(cfg.span_teacher_layers) if cfg.span_enabled else 0
+    if pairs:
+        add_spans(t, pairs)
+    proj = make_projectors(kq_hidden=cfg.ga_hidden if cfg.ga_enabled else None, span_pairs=pairs)
     out = run(cfg, t, proj)
     assert out.total.dim() == 0 and torch.isfinite(out.total)
     assert set(out.terms) == set(TERM_NAMES)
@@ -51,8 +62,10 @@ def test_presets_build_and_run(name):
         + cfg.lambda_kd * (out.terms["proj_ce"] + out.terms["kd_student"] + out.terms["kd_teacher"])
         + cfg.lambda_dtw * (out.terms["dtw_hidden"] + out.terms["dtw_embed"])
         + cfg.lambda_ga * out.terms["kq_adversarial"]
+        + cfg.lambda_span * out.terms["span_structure"]
     )
     assert (out.terms["kq_adversarial"] > 0) == cfg.ga_enabled
+    assert (out.terms["span_structure"] > 0) == cfg.span_enabled
     assert out.terms["logit_kd"] == 0
     torch.testing.assert_close(out.total.detach(), expected)
     assert int(out.counts["student_tokens"]) == int(t["student_labels"].ne(-100).sum())
@@ -435,7 +448,7 @@ def test_end_to_end_with_tiny_hf_models():
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     assert all(p.grad is None for p in teacher.parameters())
     weighted = {k for k, w in TERMS.items() if getattr(PRESETS["dwa_kd"], w) > 0}
-    assert weighted == set(TERM_NAMES) - {"logit_kd", "kq_adversarial"}
+    assert weighted == set(TERM_NAMES) - {"logit_kd", "kq_adversarial", "span_structure"}
     assert all(out.terms[k] > 0 for k in weighted) and all(
         out.terms[k] == 0 for k in TERMS if k not in weighted
     )

@@ -50,9 +50,12 @@ class Projectors(nn.Module):
         kq_discriminator: DSKD-CMA-GA's query/key discriminator
             (:class:`student_train.losses.adversarial.KQDiscriminator`) or ``None``; it lives here so that it
             is trained, checkpointed, resumed and exported with the projectors.
+        span: MTA's per-layer-pair ``Linear(d_S, d_T)`` (an ``nn.ModuleList``) or ``None``.
     """
 
-    def __init__(self, d_s: int, d_t: int, *, dtw_embed: bool = True, kq_hidden: int | None = None) -> None:
+    def __init__(
+        self, d_s: int, d_t: int, *, dtw_embed: bool = True, kq_hidden: int | None = None, span_pairs: int = 0
+    ) -> None:
         """Build the projectors.
 
         Args:
@@ -60,6 +63,7 @@ class Projectors(nn.Module):
             d_t: teacher hidden size.
             dtw_embed: also build ``dtw_embed_t2s`` (needed iff the DTW term is on).
             kq_hidden: build the GA discriminator with this hidden width (``None``: none).
+            span_pairs: build this many MTA span projectors (0: none).
         """
         super().__init__()
         if d_s < 1 or d_t < 1:
@@ -75,6 +79,7 @@ class Projectors(nn.Module):
             from student_train.losses.adversarial import KQDiscriminator
 
             self.kq_discriminator = KQDiscriminator(2 * d_t, kq_hidden)
+        self.span = nn.ModuleList(nn.Linear(d_s, d_t) for _ in range(span_pairs)) if span_pairs else None
 
     def extra_repr(self) -> str:
         """Sizes for ``print(module)``."""

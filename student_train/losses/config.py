@@ -158,7 +158,9 @@ class ObjectiveConfig:
     )
     span_student_layers: tuple[int, ...] = field(
         default=(),
-        metadata=_help("MTA: student layers of the pairs, HF hidden_states indices (-1 = final), same length"),
+        metadata=_help(
+            "MTA: student layers of the pairs, HF hidden_states indices (-1 = final), same length"
+        ),
     )
     span_word_pairs: int = field(
         default=1,

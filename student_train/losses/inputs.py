@@ -47,6 +47,13 @@ class ObjectiveInputs:
             ``-1`` where the one-hot target is used (:func:`student_train.align.mined_aligned_positions`).
         mined_map: ``(stu_ids [K], tea_ids [K])`` long, the vocabulary map's image in the student vocabulary
             and the first teacher id mapped to each (``mined``).
+        student_layers: MTA, per layer pair ``[B, n, d_S]`` student hidden states (live).
+        teacher_layers: MTA, per layer pair ``[B, m, d_T]`` cached teacher hidden states.
+        student_attention_mask: ``[B, n]`` 1 on real (non-pad) student positions (MTA's token weights).
+        word_spans, phrase_spans: MTA, ``(student [B, n], teacher [B, m])`` long span ids shared by both sides
+            (:mod:`student_train.spans`), ``-1`` = no span.
+        teacher_entropy: ``[B, m]`` cached entropy of the teacher's next-token distribution (MTA's
+            ``span_weighting="certainty"``).
     """
 
     student_logits: torch.Tensor
@@ -66,6 +73,12 @@ class ObjectiveInputs:
     aligned_positions: torch.Tensor | None = None
     mined_positions: torch.Tensor | None = None
     mined_map: tuple[torch.Tensor, torch.Tensor] | None = None
+    student_layers: list[torch.Tensor] | None = None
+    teacher_layers: list[torch.Tensor] | None = None
+    student_attention_mask: torch.Tensor | None = None
+    word_spans: tuple[torch.Tensor, torch.Tensor] | None = None
+    phrase_spans: tuple[torch.Tensor, torch.Tensor] | None = None
+    teacher_entropy: torch.Tensor | None = None
 
     def validate(self, cfg: ObjectiveConfig) -> None:
         """Raise ``ValueError`` on missing, mis-shaped, non-finite or out-of-range inputs for ``cfg``."""
@@ -94,12 +107,24 @@ class ObjectiveInputs:
             needed += ["student_input_embeds", "student_head", "teacher_input_ids"]
         if cfg.kd_enabled:
             needed += ["teacher_head"]
+        if cfg.span_enabled:
+            needed += [
+                "student_layers",
+                "teacher_layers",
+                "student_attention_mask",
+                "word_spans",
+                "phrase_spans",
+            ]
+            if cfg.span_weighting == "certainty":
+                needed += ["teacher_entropy"]
         missing = [k for k in needed if getattr(self, k) is None]
         if missing:
             raise ValueError(
                 f"method {cfg.method!r} needs ObjectiveInputs fields {missing}, which are None; "
                 "the trainer must fill them from the student forward and the teacher cache"
             )
+        if cfg.span_enabled:
+            self._validate_spans(cfg, bsz, n)
         for name in ("aligned_positions", "mined_positions"):
             if getattr(self, name) is not None:
                 _expect_shape(name, getattr(self, name), (bsz, n), "[B, n]")
@@ -163,6 +188,28 @@ class ObjectiveInputs:
                 _check_ids("teacher_input_ids", self.teacher_input_ids[t_mask], v_emb, ignore=False)
         if cfg.check_inputs and self.teacher_head is not None:
             _check_ids("teacher_labels", self.teacher_labels, self.teacher_head.shape[0], ignore=True)
+
+    def _validate_spans(self, cfg: ObjectiveConfig, bsz: int, n: int) -> None:
+        pairs = len(cfg.span_teacher_layers)
+        for name in ("student_layers", "teacher_layers"):
+            if len(getattr(self, name)) != pairs:
+                raise ValueError(
+                    f"{name} holds {len(getattr(self, name))} layers but the objective pairs {pairs}"
+                )
+        m = self.teacher_layers[0].shape[1]
+        _expect_shape("student_attention_mask", self.student_attention_mask, (bsz, n), "[B, n]")
+        for name in ("word_spans", "phrase_spans"):
+            s_ids, t_ids = getattr(self, name)
+            _expect_shape(f"{name}[0] (student)", s_ids, (bsz, n), "[B, n]")
+            _expect_shape(f"{name}[1] (teacher)", t_ids, (bsz, m), "[B, m]")
+        for k, (h_s, h_t) in enumerate(zip(self.student_layers, self.teacher_layers)):
+            _expect_dims(f"student_layers[{k}]", h_s, 3, "[B, n, d_S]")
+            _expect_dims(f"teacher_layers[{k}]", h_t, 3, "[B, m, d_T]")
+            if tuple(h_s.shape[:2]) != (bsz, n) or tuple(h_t.shape[:2]) != (bsz, m):
+                raise ValueError(
+                    f"layer pair {k}: student {tuple(h_s.shape)} / teacher {tuple(h_t.shape)} do not match the "
+                    f"batch [B, n] = [{bsz}, {n}] / [B, m] = [{bsz}, {m}]"
+                )
 
 
 def _expect_dims(name: str, t: torch.Tensor, dims: int, spec: str) -> None:

@@ -17,6 +17,7 @@ embedding table. Exact teacher logits are rebuilt chunk by chunk
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ from student_train.losses.divergences import (
 )
 from student_train.losses.dwa import dtw_loss, gate_from_logits, student_token_weights, teacher_token_weights
 from student_train.losses.inputs import ObjectiveInputs
+from student_train.losses.structure import span_structure_loss
 
 __all__ = [
     "IGNORE_INDEX",
@@ -153,7 +155,35 @@ def compute_terms(
         terms["kq_adversarial"] = kq_adversarial_loss(
             proj.kq_discriminator, cma.queries, cma.keys, s_mask, t_mask
         ).to(dtype)
+    if cfg.span_enabled:  # a mean over span pairs per micro-batch (the reference's scale, see config)
+        terms["span_structure"] = _span_term(cfg, inputs, proj).to(dtype)
     return terms, counts
+
+
+def _span_term(cfg: ObjectiveConfig, x: ObjectiveInputs, proj: Projectors) -> torch.Tensor:
+    """MTA's span structure term (:mod:`student_train.losses.structure`)."""
+    if proj.span is None or len(proj.span) != len(cfg.span_teacher_layers):
+        raise ValueError(f"the MTA term needs Projectors(..., span_pairs={len(cfg.span_teacher_layers)})")
+    certainty = None
+    if cfg.span_weighting == "certainty":
+        vocab = (x.teacher_head if x.teacher_head is not None else x.teacher_embeddings).shape[0]
+        certainty = 1.0 - x.teacher_entropy / math.log(vocab)
+    t_valid = (
+        x.teacher_attention_mask.bool()
+        if x.teacher_attention_mask is not None
+        else torch.ones(x.teacher_layers[0].shape[:2], dtype=torch.bool, device=x.teacher_layers[0].device)
+    )
+    return span_structure_loss(
+        student_layers=x.student_layers,
+        teacher_layers=x.teacher_layers,
+        projectors=proj.span,
+        student_valid=x.student_attention_mask.bool(),
+        teacher_valid=t_valid,
+        word_spans=x.word_spans,
+        phrase_spans=x.phrase_spans,
+        word_pairs=cfg.span_word_pairs,
+        teacher_certainty=certainty,
+    )
 
 
 def projected_ce(
