@@ -154,13 +154,18 @@ def main() -> int:
     plain = list(ScheduledBatches(cache, sched, 0, 0, kw))[: args.steps]
     collate_plain = (time.perf_counter() - t) / len(plain)
     mined, collate_aligned = None, None
-    if any(c.logit_enabled for c in cfgs.values()):
-        # the logit-level baselines need per-sample alignments, computed at collation (loader workers)
+    logit = any(c.logit_enabled for c in cfgs.values())
+    spans = [c for c in cfgs.values() if c.span_enabled]
+    if logit or spans:
+        # the logit-level baselines need per-sample alignments, MTA its word/phrase spans: computed at collation
         from student_train.align import BatchAlignment, MinedVocab
 
         if any(c.needs_mined_alignment for c in cfgs.values()):
             mined = MinedVocab(cache.load_teacher_tokenizer(args.teacher_tokenizer), tok)
-        kw["alignment"] = BatchAlignment(offsets=True, mined=mined, topk=True)
+        layers = sorted({n for c in spans for n in c.span_teacher_layers if n >= 0})
+        kw["alignment"] = BatchAlignment(
+            offsets=logit, mined=mined, topk=logit, layers=tuple(layers), spans=bool(spans)
+        )
         t = time.perf_counter()
         batches = list(ScheduledBatches(cache, sched, 0, 0, kw))[: args.steps]
         collate_aligned = (time.perf_counter() - t) / len(batches)
@@ -172,7 +177,8 @@ def main() -> int:
     kq_hidden = next(
         (c.ga_hidden for c in cfgs.values() if c.ga_enabled), None
     )  # DSKD-CMA-GA's discriminator
-    proj = Projectors(args.student_hidden, cache.hidden_size, kq_hidden=kq_hidden)
+    span_pairs = max((len(c.span_teacher_layers) for c in spans), default=0)  # MTA's span projectors
+    proj = Projectors(args.student_hidden, cache.hidden_size, kq_hidden=kq_hidden, span_pairs=span_pairs)
     sft = Distiller(student, None, ObjectiveConfig.preset("sft"))
     mined_map = tuple(torch.from_numpy(a) for a in mined.image()) if mined is not None else None
     kd = {
