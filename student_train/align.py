@@ -259,7 +259,8 @@ class BatchAlignment:
     ``offsets``: :func:`aligned_next_token_positions`; ``mined``: :func:`mined_aligned_positions` with a
     :class:`MinedVocab`; ``topk``: carry the cached top-k log-probs; ``layers``: carry these cached teacher
     layers (HF indices; the final state is always carried); ``spans``: word and phrase span ids of both
-    sides (:mod:`student_train.spans`); ``entropy``: carry the cached teacher entropy.
+    sides (:mod:`student_train.spans`); ``entropy``: carry the cached teacher entropy; ``salience``: carry
+    these layers' cached attention salience (-1 = final); ``chunks``: the response chunks both sides cut at.
     """
 
     def __init__(
@@ -270,9 +271,12 @@ class BatchAlignment:
         layers: tuple[int, ...] = (),
         spans: bool = False,
         entropy: bool = False,
+        salience: tuple[int, ...] = (),
+        chunks: bool = False,
     ):
         self.offsets, self.mined, self.topk = offsets, mined, topk
         self.layers, self.spans, self.entropy = tuple(layers), spans, entropy
+        self.salience, self.chunks = tuple(salience), chunks
 
     def sample(
         self,
@@ -310,8 +314,8 @@ def batch_alignment(objective, cache, student_tokenizer, teacher_tokenizer: str 
     """The per-sample alignments ``objective`` asks the collate step for, or None; and MinED's vocabulary
     (which needs the cache's teacher tokenizer, checked against its fingerprint), or None."""
     topk = objective.logit_kd == "uld_topk"
-    spans = objective.span_enabled
-    if not (objective.needs_offsets_pairing or objective.needs_mined_alignment or topk or spans):
+    spans, sra = objective.span_enabled, objective.sra_enabled
+    if not (objective.needs_offsets_pairing or objective.needs_mined_alignment or topk or spans or sra):
         return None, None
     mined = None
     if objective.needs_mined_alignment:
@@ -320,8 +324,30 @@ def batch_alignment(objective, cache, student_tokenizer, teacher_tokenizer: str 
         offsets=objective.needs_offsets_pairing,
         mined=mined,
         topk=topk,
-        layers=tuple(n for n in objective.span_teacher_layers if n >= 0) if spans else (),
+        layers=teacher_layers_needed(objective),
         spans=spans,
         entropy=spans and objective.span_weighting == "certainty",
+        salience=tuple(dict.fromkeys(objective.sra_teacher_layers)) if sra else (),
+        chunks=sra,
     )
     return alignment, mined
+
+
+def teacher_layers_needed(objective) -> tuple[int, ...]:
+    """The intermediate teacher layers (HF indices >= 0) the objective reads from the cache, ascending."""
+    wanted = list(objective.span_teacher_layers) if objective.span_enabled else []
+    wanted += list(objective.sra_teacher_layers) if objective.sra_enabled else []
+    return tuple(sorted({n for n in wanted if n >= 0}))
+
+
+def shared_vocab(teacher_tok, student_tok) -> tuple[np.ndarray, np.ndarray]:
+    """``(student ids, teacher ids)`` of the token strings both vocabularies hold, in student id order (SRA's
+    ``get_token_mapping``: an exact match of ``get_vocab()`` strings, added tokens included)."""
+    t_vocab = teacher_tok.get_vocab()
+    pairs = sorted((i, t_vocab[tok]) for tok, i in student_tok.get_vocab().items() if tok in t_vocab)
+    if not pairs:
+        raise ValueError(
+            "the teacher and student vocabularies share no token string; SRA's logit term needs some"
+        )
+    s_ids, t_ids = zip(*pairs)
+    return np.asarray(s_ids, dtype=np.int64), np.asarray(t_ids, dtype=np.int64)

@@ -21,7 +21,7 @@ import torch
 
 from pipeline.tokenize import IGNORE_INDEX, tokenize_pair
 from student_train.align import BatchAlignment, check_offsets
-from student_train.spans import sample_spans
+from student_train.spans import response_chunks, sample_spans
 from teacher_cache.format import CachedRow
 
 
@@ -43,7 +43,8 @@ class DistillBatch:
         t_layers ``{layer: [B, m, d_T]}`` cached intermediate teacher layers; t_entropy ``[B, m]``;
         word_spans / phrase_spans ``([B, n], [B, m])`` long span ids (:func:`student_train.spans.sample_spans`,
         over prompt and response), ``-1`` = none; span_fallbacks: samples whose phrases are their words (the
-        chunker could not parse the text).
+        chunker could not parse the text). t_salience ``{layer: [B, m]}`` cached attention salience (-1 =
+        final); chunk_spans ``([B, n], [B, m])`` ids of the response chunks both tokenizations cut at (SRA).
     sample_ids: the B cache keys.
     """
 
@@ -60,7 +61,9 @@ class DistillBatch:
     aligned_positions: torch.Tensor | None = None
     mined_positions: torch.Tensor | None = None
     t_layers: dict[int, torch.Tensor] | None = None
+    t_salience: dict[int, torch.Tensor] | None = None
     t_entropy: torch.Tensor | None = None
+    chunk_spans: tuple[torch.Tensor, torch.Tensor] | None = None
     word_spans: tuple[torch.Tensor, torch.Tensor] | None = None
     phrase_spans: tuple[torch.Tensor, torch.Tensor] | None = None
     cut_vs_teacher: int = 0
@@ -119,7 +122,7 @@ def collate(
     truncation: str = "error",
 ) -> DistillBatch:
     """Student-tokenise rows (CachedRow or Record) and pad both sides into a :class:`DistillBatch`."""
-    s_ids, s_labels, s_offsets, cut = [], [], [], 0
+    s_ids, s_labels, s_offsets, s_starts, cut = [], [], [], [], 0
     for r in rows:
         t = tokenize_pair(
             tokenizer,
@@ -134,6 +137,7 @@ def collate(
         s_ids.append(t.input_ids[:-1].astype(np.int64))
         s_labels.append(_labels_for(t.input_ids, t.response_start))
         s_offsets.append(t.offsets)
+        s_starts.append(t.response_start)
         if with_teacher:
             check_offsets(r.offsets, len(r.prompt) + len(r.response), f"sample {r.sample_id}: teacher")
             short = _shorter_than_teacher(t, r)
@@ -181,6 +185,18 @@ def collate(
         batch.t_layers = {n: _pad([r.layers[n] for r in rows], m) for n in alignment.layers}
     if alignment.entropy:
         batch.t_entropy = pad_positions(rows, "entropy", m)
+    if alignment.salience:
+        batch.t_salience = {n: _pad([r.salience[n] for r in rows], m) for n in alignment.salience}
+    if alignment.chunks:
+        s_chunks = torch.full((bsz, n), -1, dtype=torch.long)
+        t_chunks = torch.full((bsz, m), -1, dtype=torch.long)
+        for i, r in enumerate(rows):
+            s_new, t_new = response_chunks(
+                s_offsets[i], s_starts[i], len(s_ids[i]), r.offsets, r.response_start, len(r.input_ids) - 1
+            )
+            s_chunks[i, : len(s_ids[i])] = torch.from_numpy(s_new[: len(s_ids[i])])
+            t_chunks[i, : len(r.input_ids) - 1] = torch.from_numpy(t_new[: len(r.input_ids) - 1])
+        batch.chunk_spans = (s_chunks, t_chunks)
     if alignment.spans:
         found = [
             sample_spans(r.prompt + r.response, s_offsets[i], len(s_ids[i]), r.offsets, len(r.input_ids) - 1)
@@ -339,10 +355,14 @@ def open_rows(cfg, rank: int, world: int):
 
     if not cfg.data.cache:
         return RecordRows(list(read_records(DataConfig(path=cfg.data.sft_path)))), None
+    from student_train.align import teacher_layers_needed
+
     objective = cfg.objective_config()
-    layers = tuple(n for n in objective.span_teacher_layers if n >= 0) if objective.span_enabled else ()
     expect = CacheExpectation(
-        teacher_name=cfg.data.expect_teacher, tokenizer_sha256=cfg.data.expect_tokenizer_sha256, layers=layers
+        teacher_name=cfg.data.expect_teacher,
+        tokenizer_sha256=cfg.data.expect_tokenizer_sha256,
+        layers=teacher_layers_needed(objective),
+        salience=objective.sra_enabled,
     )
     cache = open_cache(cfg.data.cache, expect=expect)
     if cfg.data.verify_checksums:

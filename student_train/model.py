@@ -107,6 +107,8 @@ def load_student(cfg: TrainConfig) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.student.path), dtype=torch.float32)
+    if cfg.objective_config().sra_enabled:  # SRA pools with the student's own attention probabilities
+        model.set_attn_implementation("eager")
     keep = kept_layer_ids(cfg, model.config.num_hidden_layers)
     if keep is not None:
         prune_layers(model, keep)
@@ -181,6 +183,7 @@ class Distiller(nn.Module):
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
             output_hidden_states=cfg.needs_projectors,
+            output_attentions=cfg.sra_enabled,
         )
         if not cfg.needs_teacher:
             return ObjectiveInputs(student_logits=out.logits, student_labels=batch.labels)
@@ -202,7 +205,7 @@ class Distiller(nn.Module):
             mined_positions=batch.mined_positions,
             mined_map=mined_map,
         )
-        if cfg.needs_projectors:  # the DSKD family also needs student states and embeddings
+        if cfg.cma_projectors:  # the DSKD family also needs student states and embeddings
             emb = self.student.get_input_embeddings()
             inputs.student_hidden = out.hidden_states[-1]
             inputs.student_input_embeds = emb(formal_ids(batch.input_ids, batch.labels))
@@ -217,6 +220,23 @@ class Distiller(nn.Module):
             inputs.student_attention_mask = batch.attention_mask
             inputs.word_spans, inputs.phrase_spans = batch.word_spans, batch.phrase_spans
             inputs.teacher_entropy = batch.t_entropy
+        if cfg.sra_enabled:  # SRA: layer pairs, salience (the student's from its own attention), chunks
+            from teacher_cache.format import attention_salience
+
+            depth = len(out.attentions)
+            inputs.sra_student_layers = [out.hidden_states[n] for n in cfg.sra_student_layers]
+            inputs.sra_teacher_layers = [
+                batch.t_hidden if n < 0 else batch.t_layers[n] for n in cfg.sra_teacher_layers
+            ]
+            inputs.student_salience = [
+                attention_salience(out.attentions[(depth if n < 0 else n) - 1].detach(), batch.attention_mask)
+                for n in cfg.sra_student_layers
+            ]
+            inputs.teacher_salience = [batch.t_salience[n] for n in cfg.sra_teacher_layers]
+            inputs.chunk_spans = batch.chunk_spans
+            inputs.student_output_head = self.student.get_output_embeddings()
+            shared = self.teacher.get("shared_vocab")
+            inputs.shared_vocab = None if shared is None else tuple(t.to(out.logits.device) for t in shared)
         return inputs
 
     def zero_loss(self, batch: DistillBatch) -> torch.Tensor:
@@ -340,15 +360,26 @@ def build_distiller(cfg: TrainConfig, objective, student: nn.Module, cache, mine
             dtw_embed=objective.dtw_enabled,
             kq_hidden=kq_hidden,
             span_pairs=span_pairs,
+            sra_pairs=len(objective.sra_teacher_layers) if objective.sra_enabled else 0,
+            cma=objective.cma_projectors,
         )
         if kq_hidden is not None and not objective.ga_train_discriminator:
             projectors.kq_discriminator.requires_grad_(False)  # DSKD-KQ's code: never in the optimizer
-        t_emb = cache.load_embeddings().float()
+        if objective.cma_projectors:
+            t_emb = cache.load_embeddings().float()
     if objective.needs_teacher_head:
         t_head, t_bias = cache.load_head()  # the bias, when the teacher's head has one, is applied too
         t_head, t_bias = t_head.float(), (None if t_bias is None else t_bias.float())
     mined_map = tuple(torch.from_numpy(a) for a in mined.image()) if mined is not None else None
-    return Distiller(student, projectors, objective, t_head, t_emb, mined_map, t_bias)
+    distiller = Distiller(student, projectors, objective, t_head, t_emb, mined_map, t_bias)
+    if objective.lambda_sra_logit > 0:  # SRA's logits over the token strings both vocabularies hold
+        from student_train.align import shared_vocab
+
+        pair = shared_vocab(
+            cache.load_teacher_tokenizer(cfg.data.teacher_tokenizer), load_student_tokenizer(cfg)
+        )
+        distiller.teacher["shared_vocab"] = tuple(torch.from_numpy(a) for a in pair)
+    return distiller
 
 
 def export_trained(

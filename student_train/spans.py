@@ -188,3 +188,27 @@ def sample_spans(
         s_new, t_new, _ = shared_span_ids(s_ids, t_ids, s_len, t_len)
         out += [s_new, t_new]
     return SampleSpans(*out, fallback=spans.fallback)
+
+
+def response_chunks(
+    s_offsets: np.ndarray, s_start: int, s_len: int, t_offsets: np.ndarray, t_start: int, t_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """SRA's spans: the response chunks both tokenizations cut at (:func:`student_train.align.offset_chunks`
+    over the response tokens that have positions), as shared ids over the first ``s_len`` / ``t_len`` tokens.
+
+    Tokens ``[s_start, s_len)`` / ``[t_start, t_len)`` are the response positions; a chunk is kept when both
+    sides have a token in it (empty-span tokens, e.g. an EOS, have none).
+    """
+    from student_train.align import offset_chunks
+
+    s_off = np.asarray(s_offsets, dtype=np.int64).reshape(-1, 2)
+    t_off = np.asarray(t_offsets, dtype=np.int64).reshape(-1, 2)
+    s_ids = np.full(len(s_off), -1, dtype=np.int64)
+    t_ids = np.full(len(t_off), -1, dtype=np.int64)
+    s_resp, t_resp = s_off[s_start:s_len], t_off[t_start:t_len]
+    if len(s_resp) and len(t_resp):
+        s_chunk, t_chunk = offset_chunks(s_resp, t_resp)
+        s_ids[s_start:s_len] = np.where(s_resp[:, 1] > s_resp[:, 0], s_chunk, -1)
+        t_ids[t_start:t_len] = np.where(t_resp[:, 1] > t_resp[:, 0], t_chunk, -1)
+    s_new, t_new, _ = shared_span_ids(s_ids, t_ids, s_len, t_len)
+    return s_new, t_new

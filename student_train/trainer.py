@@ -47,7 +47,27 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int]:
     deepspeed.init_distributed(
         dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
     )
+    release_shm_buffer(dist.get_rank())
     return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+
+
+def release_shm_buffer(rank: int) -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer name (``/dev/shm/deepspeed_allreduce_buffer_*``).
+
+    DeepSpeed's shm communication (CPU) creates a 69 MB segment per rank and never unlinks it: every CPU run
+    left its segments in /dev/shm (RAM) until reboot. Once every rank has mapped every other rank's segment
+    (done inside ``init_distributed``; the barrier makes sure all ranks got there) the names can go: the
+    mappings stay valid and the memory is freed when the last process exits, even after a kill -9.
+    """
+    import glob
+
+    dist.barrier()
+    port = os.environ.get("MASTER_PORT", "")
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:

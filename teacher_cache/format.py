@@ -21,9 +21,10 @@ SCHEMA_VERSION = 2  # the newest version this code writes
 READABLE_VERSIONS = (1, 2)
 
 
-def schema_version(layers: tuple[int, ...]) -> int:
-    """A cache of the final state only is written as v1 (readable by v1 readers); intermediate layers make v2."""
-    return 2 if layers else 1
+def schema_version(layers: tuple[int, ...], salience: bool = False) -> int:
+    """A cache of the final state only is written as v1 (readable by v1 readers); intermediate layers or the
+    attention salience columns make v2."""
+    return 2 if layers or salience else 1
 
 
 FORMAT_NAME = "xtokd-teacher-cache"
@@ -56,6 +57,7 @@ class Layout:
     top_k: int
     hidden_dtype: str
     layers: tuple[int, ...] = ()  # intermediate teacher layers stored besides the final state (v2)
+    salience: bool = False  # the attention salience of the final state and of every layer n >= 1 (v2)
 
     def __post_init__(self):
         if self.hidden_dtype not in HIDDEN_DTYPES:
@@ -67,6 +69,17 @@ class Layout:
 def layer_column(layer: int) -> str:
     """The column of teacher layer ``layer`` (HF ``hidden_states[layer]``: 0 = embeddings output)."""
     return f"hidden_layer_{layer}"
+
+
+def salience_column(layer: int) -> str:
+    """The salience column of teacher layer ``layer`` (``-1`` = the final state)."""
+    return "salience" if layer == -1 else f"salience_layer_{layer}"
+
+
+def salience_layers(layout: Layout) -> tuple[int, ...]:
+    """The layers whose salience a cache stores: the final state (-1) and every intermediate layer n >= 1
+    (layer 0, the embeddings' output, comes from no attention block)."""
+    return (-1, *(n for n in layout.layers if n >= 1)) if layout.salience else ()
 
 
 @dataclass(frozen=True)
@@ -133,8 +146,18 @@ def columns(layout: Layout) -> tuple[Column, ...]:
         Column(layer_column(n), "position", "hidden", "hidden_size", large=True, doc=f"teacher layer {n}")
         for n in layout.layers
     ]
+    salience_cols = [
+        Column(
+            salience_column(n),
+            "position",
+            "float32",
+            doc="attention the last real position pays to each position in the block that produced "
+            f"{'the final state' if n == -1 else f'layer {n}'}, mean over heads (sums to 1 per row)",
+        )
+        for n in salience_layers(layout)
+    ]
     out = []
-    for c in [*COLUMNS, *layer_cols]:
+    for c in [*COLUMNS, *layer_cols, *salience_cols]:
         out.append(c)
         if c.dtype == "hidden" and layout.hidden_dtype == "int8":
             out.append(Column(f"{c.name}_scale", c.per, "float32", doc=f"per-token scale of {c.name}"))
@@ -145,12 +168,22 @@ def schema(layout: Layout) -> pa.Schema:
     """The Arrow schema of one shard for the given layout (see docs/CACHE_FORMAT.md)."""
     meta = {
         b"format": FORMAT_NAME.encode(),
-        b"schema_version": str(schema_version(layout.layers)).encode(),
+        b"schema_version": str(schema_version(layout.layers, layout.salience)).encode(),
         b"hidden_dtype": layout.hidden_dtype.encode(),
     }
     return pa.schema(
         [pa.field(c.name, c.arrow_type(layout), nullable=False) for c in columns(layout)], metadata=meta
     )
+
+
+def attention_salience(attn: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, P]`` the value of a salience column: the attention row of each sample's last real position, summed over heads and normalised
+    to sum 1 (SRA's span salience, sonho4ng/SRAv4 ``utils.py``: the last real token, not the padded batch's
+    last row). ``attn``: ``[B, H, P, P]`` attention probabilities of one block."""
+    last = attention_mask.long().sum(1).clamp_min(1) - 1
+    rows = attn.float().sum(1)[torch.arange(attn.shape[0], device=attn.device), last]  # [B, P]
+    rows = rows * attention_mask.to(rows.dtype)
+    return rows / rows.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
 def encode_hidden(h: torch.Tensor, hidden_dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -226,6 +259,8 @@ class CachedRow:
         logsumexp, entropy: ``[P]`` of the full next-token distribution at temperature 1.
         layers: ``{layer: [P, d_T] float32}`` the intermediate teacher layers the cache holds (v2; empty
             for a cache of the final state only).
+        salience: ``{layer: [P] float32}`` attention salience per stored layer (-1 = final state; v2 caches
+            built with ``cache.salience=true``, else empty).
     """
 
     sample_id: str
@@ -241,9 +276,10 @@ class CachedRow:
     logsumexp: np.ndarray
     entropy: np.ndarray
     layers: dict[int, torch.Tensor] = field(default_factory=dict)
+    salience: dict[int, np.ndarray] = field(default_factory=dict)
 
 
-assert {f.name for f in fields(CachedRow)} - {"layers"} == {c.name for c in COLUMNS}, (
+assert {f.name for f in fields(CachedRow)} - {"layers", "salience"} == {c.name for c in COLUMNS}, (
     "CachedRow must mirror COLUMNS"
 )
 
@@ -309,4 +345,5 @@ def decode_row(batch: pa.RecordBatch, i: int, layout: Layout) -> CachedRow:
                 raw[col.name], raw.pop(f"{col.name}_scale", None), layout.hidden_dtype
             )
     raw["layers"] = {n: raw.pop(layer_column(n)) for n in layout.layers}
+    raw["salience"] = {n: raw.pop(salience_column(n)) for n in salience_layers(layout)}
     return CachedRow(**raw)

@@ -71,6 +71,12 @@ class CacheSettings:
         help="teacher layers to store: -1 the final normed state (always stored), n >= 0 HF hidden_states[n] "
         "(0 = embeddings output, n = after block n), e.g. [8,16,-1]; intermediate layers make a v2 cache",
     )
+    salience: bool = field(
+        False,
+        help="SRA: also store, for the final state and every layer n >= 1, the attention the last real position "
+        "pays to each position in the block that produced it (mean over heads; the teacher runs with eager "
+        "attention); makes a v2 cache",
+    )
     head_chunk: int = field(
         256, help="positions per chunk when applying the LM head (bounds memory to chunk x V)"
     )
@@ -185,6 +191,7 @@ class TeacherForward:
         threads: int,
         uri: str,
         probe_ids: list[list[int]],
+        salience: bool = False,
     ):
         import torch
 
@@ -198,7 +205,9 @@ class TeacherForward:
         # serves the forward, so the job loads it once, not twice
         facts = describe_loaded(model, teacher, uri, probe_ids)
         check_layers(tuple(layers), int(model.config.num_hidden_layers))
-        self.layout = Layout(facts["hidden_size"], top_k, hidden_dtype, tuple(layers))
+        self.layout = Layout(facts["hidden_size"], top_k, hidden_dtype, tuple(layers), salience)
+        if salience:  # attention probabilities are returned by the eager implementation only
+            model.set_attn_implementation("eager")
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = model.to(self.device)
         self.head_chunk = head_chunk
@@ -206,7 +215,13 @@ class TeacherForward:
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        from teacher_cache.format import columns, encode_positions, layer_column
+        from teacher_cache.format import (
+            columns,
+            encode_positions,
+            layer_column,
+            salience_column,
+            salience_layers,
+        )
         from teacher_cache.teacher import teacher_forward
 
         seqs = list(batch["input_ids"])
@@ -223,9 +238,11 @@ class TeacherForward:
             self.layout.top_k,
             self.head_chunk,
             self.layout.layers,
+            salience_layers(self.layout),
         )
         cols: dict[str, list] = {}
         computed = {**vars(out), **{layer_column(n): h for n, h in out.layers.items()}}
+        computed.update({salience_column(n): a for n, a in out.salience.items()})
         for c in columns(self.layout):
             if c.per == "position" and c.name in computed:
                 for i, p in enumerate(pos):
@@ -260,8 +277,10 @@ class ShardWriter:
         hidden_dtype: str,
         layers: tuple[int, ...],
         job_fp: str,
+        salience: bool = False,
     ):
         self.uri, self.expected = uri, {int(k): v for k, v in shard_rows.items()}
+        self.salience = salience
         # the hidden width is learnt from the first row: the teacher is only described inside its actors
         self.top_k, self.hidden_dtype, self.layers, self.fp = top_k, hidden_dtype, tuple(layers), job_fp
         self.layout = None
@@ -275,7 +294,11 @@ class ShardWriter:
         for i in range(len(batch["sample_id"])):
             if self.layout is None:  # the hidden width, learnt from the first row
                 self.layout = Layout(
-                    int(batch["hidden"][i].shape[1]), self.top_k, self.hidden_dtype, self.layers
+                    int(batch["hidden"][i].shape[1]),
+                    self.top_k,
+                    self.hidden_dtype,
+                    self.layers,
+                    self.salience,
                 )
             row = {c.name: _plain(batch[c.name][i]) for c in columns(self.layout)}
             row.update(
@@ -312,6 +335,8 @@ def job_fingerprint(cfg: CacheJobConfig, records_fp: str, tokenizer_sha: str) ->
     extra = intermediate_layers(cfg.cache)
     if not extra:  # a final-state-only cache is the v1 cache it always was: same identity
         settings.pop("layers")
+    if not cfg.cache.salience:  # caches made before the option keep their identity
+        settings.pop("salience")
     teacher = {k: v for k, v in vars(cfg.teacher).items()}
     return config_hash(
         {
@@ -319,7 +344,7 @@ def job_fingerprint(cfg: CacheJobConfig, records_fp: str, tokenizer_sha: str) ->
             "tokenizer": tokenizer_sha,
             "teacher": teacher,
             "settings": settings,
-            "schema": schema_version(extra),
+            "schema": schema_version(extra, cfg.cache.salience),
         }
     )
 
@@ -507,6 +532,7 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> Manifest:
                 "threads": int(max(1, cfg.ray.cpus_per_actor)),
                 "uri": uri,
                 "probe_ids": probe,
+                "salience": cfg.cache.salience,
             },
             batch_size=cfg.ray.batch_size,
             compute=ray.data.ActorPoolStrategy(size=cfg.ray.concurrency),
@@ -522,6 +548,7 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> Manifest:
                 "hidden_dtype": cfg.cache.hidden_dtype,
                 "layers": intermediate_layers(cfg.cache),
                 "job_fp": fp,
+                "salience": cfg.cache.salience,
             },
             batch_size=cfg.ray.batch_size,
             compute=ray.data.ActorPoolStrategy(size=1),
@@ -563,6 +590,7 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> Manifest:
         hidden_dtype=cfg.cache.hidden_dtype,
         rows_per_shard=cfg.cache.rows_per_shard,
         layers=(-1, *intermediate_layers(cfg.cache)) if intermediate_layers(cfg.cache) else ("final",),
+        salience=cfg.cache.salience,
     )
     source = {
         "path": cfg.data.path,

@@ -59,6 +59,7 @@ class Settings:
     hidden_dtype: str
     rows_per_shard: int
     layers: tuple = (-1,)  # teacher layers stored: -1 the final (normed) state, n >= 0 hidden_states[n]
+    salience: bool = False  # attention salience columns (SRA); absent from the JSON when false
     positions: str = "P = L - 1 per row; position t predicts input_ids[t + 1]"
 
 
@@ -101,7 +102,13 @@ class Manifest:
     def layout(self) -> Layout:
         """The column layout of every shard of this cache."""
         extra = tuple(n for n in self.settings.layers if n not in (-1, "final"))
-        return Layout(self.teacher["hidden_size"], self.settings.top_k, self.settings.hidden_dtype, extra)
+        return Layout(
+            self.teacher["hidden_size"],
+            self.settings.top_k,
+            self.settings.hidden_dtype,
+            extra,
+            self.settings.salience,
+        )
 
     @property
     def eos_id(self) -> int:
@@ -111,6 +118,8 @@ class Manifest:
         out = asdict(self)
         out.pop("extra")
         out["settings"]["layers"] = list(self.settings.layers)
+        if not self.settings.salience:
+            out["settings"].pop("salience")
         out["shards"] = [asdict(s) for s in self.shards]
         return {**self.extra, **out}
 
@@ -198,6 +207,7 @@ def parse_manifest(raw: Any, uri: str) -> Manifest:
         ),
         rows_per_shard=int(s.get("rows_per_shard", 0)),
         layers=_layers(uri, s),
+        salience=_need(uri, s, "settings.salience", bool) if "salience" in s else False,
     )
     st = _need(uri, raw, "stats", dict)
     rows = _need(uri, st, "stats.rows", int, *_COUNT)
@@ -277,7 +287,9 @@ def build_manifest(
     hidden_bytes = stored * teacher_info["hidden_size"] * BYTES_PER_VALUE[settings.hidden_dtype]
     return Manifest(
         format=FORMAT_NAME,
-        schema_version=schema_version(tuple(n for n in settings.layers if n not in (-1, "final"))),
+        schema_version=schema_version(
+            tuple(n for n in settings.layers if n not in (-1, "final")), settings.salience
+        ),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(),
         job_fingerprint=fingerprint,
         teacher=teacher_info,

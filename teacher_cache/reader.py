@@ -46,6 +46,7 @@ class CacheExpectation:
     hidden_size: int | None = None
     schema_version: int | None = None
     layers: tuple[int, ...] = ()  # intermediate teacher layers the caller needs (v2)
+    salience: bool = False  # the attention salience columns (v2, cache.salience=true)
 
 
 def _check(manifest: Manifest, expect: CacheExpectation, uri: str) -> None:
@@ -70,6 +71,11 @@ def _check(manifest: Manifest, expect: CacheExpectation, uri: str) -> None:
             f"{uri}: the objective needs teacher layer(s) {missing}, but this cache holds the final state (-1)"
             f"{' and layers ' + str(list(manifest.layout.layers)) if manifest.layout.layers else ' only'}; "
             "rebuild the cache with cache.layers=[...] listing them, or choose layers it has"
+        )
+    if expect.salience and not manifest.layout.salience:
+        raise CacheError(
+            f"{uri}: the objective needs the teacher's attention salience (SRA), which this cache does not hold; "
+            "rebuild it with cache.salience=true"
         )
     for what, found, expected, knob in checks:
         if expected is not None and found != expected:

@@ -19,6 +19,7 @@ import torch
 
 from pipeline.config import field
 from pipeline.tokenize import tokenizer_fingerprint  # noqa: F401  (re-exported: the job records it)
+from teacher_cache.format import attention_salience
 
 
 class TeacherError(ValueError):
@@ -169,6 +170,7 @@ class TeacherOutputs:
         topk_ids: ``[B, P, k]`` int64; topk_logprobs ``[B, P, k]`` float32.
         logsumexp, entropy: ``[B, P]`` float32 at temperature 1.
         layers: ``{n: [B, P, d]}`` HF ``hidden_states[n]`` of the intermediate layers asked for.
+        salience: ``{n: [B, P]}`` float32 attention salience of the layers asked for (-1 = final state).
     """
 
     hidden: torch.Tensor
@@ -177,6 +179,7 @@ class TeacherOutputs:
     logsumexp: torch.Tensor
     entropy: torch.Tensor
     layers: dict = dataclasses.field(default_factory=dict)
+    salience: dict = dataclasses.field(default_factory=dict)
 
 
 def head_stats(
@@ -219,6 +222,7 @@ def teacher_forward(
     top_k: int,
     chunk: int = 256,
     layers: tuple[int, ...] = (),
+    salience: tuple[int, ...] = (),
 ):
     """Run the teacher's decoder stack and derive the cached statistics from hidden x head.
 
@@ -226,14 +230,30 @@ def teacher_forward(
         input_ids: ``[B, P]`` right-padded teacher inputs (the sequence without its last token).
         attention_mask: ``[B, P]`` 1 for real tokens.
         layers: intermediate layers to return besides the final state (HF ``hidden_states`` indices).
+        salience: layers (-1 = final, n >= 1) whose :func:`attention_salience` to return; needs a model
+            with eager attention (``model.set_attn_implementation("eager")``).
 
     Returns:
         :class:`TeacherOutputs` (padded positions hold zeros in the head statistics and garbage in
         ``hidden``; callers slice by length).
     """
     base = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=bool(layers)
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        output_hidden_states=bool(layers),
+        output_attentions=bool(salience),
     )
+    sal = {}
+    if salience:
+        if not base.attentions:
+            raise TeacherError(
+                "the teacher returned no attention probabilities; load it with eager attention for cache.salience"
+            )
+        depth = len(base.attentions)  # layer n (HF hidden_states[n]) is the output of block n - 1
+        sal = {
+            n: attention_salience(base.attentions[(depth if n == -1 else n) - 1], attention_mask)
+            for n in salience
+        }
     hidden = base.last_hidden_state
     head = model.get_output_embeddings()
     bsz, p, d = hidden.shape
@@ -255,6 +275,7 @@ def teacher_forward(
         logsumexp=scatter(lse, ()),
         entropy=scatter(ent, ()),
         layers={n: base.hidden_states[n] for n in layers},
+        salience=sal,
     )
 
 

@@ -115,9 +115,42 @@ def add_spans(t, pairs=1, seed=0):
     return t
 
 
-def make_projectors(d_s=6, d_t=10, dtype=torch.float32, seed=0, kq_hidden=None, span_pairs=0):
+def add_sra(t, pairs=1, v_shared=7):
+    """SRA's inputs on the tensors of :func:`make_tensors`: ``pairs`` layer pairs (the final states), uniform
+    salience over real positions, response chunks of two positions shared by both sides, a student head."""
+    from torch import nn
+
+    bsz, n = t["student_labels"].shape
+    m = t["teacher_labels"].shape[1]
+    d_s = t["student_hidden"].shape[-1]
+    v_s = t["student_logits"].shape[-1]
+
+    def chunks(labels):
+        ids = (torch.arange(labels.shape[1]) // 2).expand_as(labels).clone()
+        return ids.masked_fill(labels.eq(-100), -1)
+
+    s_ch, t_ch = chunks(t["student_labels"]), chunks(t["teacher_labels"])
+    both = s_ch.max().clamp(max=t_ch.max())
+    head = nn.Linear(d_s, v_s, bias=False)
+    t.update(
+        sra_student_layers=[t["student_hidden"]] * pairs,
+        sra_teacher_layers=[t["teacher_hidden"]] * pairs,
+        student_salience=[torch.full((bsz, n), 1.0 / n)] * pairs,
+        teacher_salience=[torch.full((bsz, m), 1.0 / m)] * pairs,
+        chunk_spans=(s_ch.masked_fill(s_ch > both, -1), t_ch.masked_fill(t_ch > both, -1)),
+        student_output_head=head,
+        shared_vocab=(torch.arange(v_shared), torch.arange(v_shared) * 2),
+    )
+    return t
+
+
+def make_projectors(
+    d_s=6, d_t=10, dtype=torch.float32, seed=0, kq_hidden=None, span_pairs=0, sra_pairs=0, cma=True
+):
     torch.manual_seed(seed)
-    return Projectors(d_s, d_t, kq_hidden=kq_hidden, span_pairs=span_pairs).to(dtype)
+    return Projectors(d_s, d_t, kq_hidden=kq_hidden, span_pairs=span_pairs, sra_pairs=sra_pairs, cma=cma).to(
+        dtype
+    )
 
 
 def run(cfg, tensors, projectors):

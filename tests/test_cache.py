@@ -194,22 +194,35 @@ def test_v2_cache_stores_chosen_layers_and_trains_a_student(
     from pipeline.tiny import save_tiny_model
 
     out = tmp_path / "v2"
-    cfg = _cfg(synthetic_jsonl, tiny_llama_dir, out, "cache.hidden_dtype=float32", "cache.layers=[1,0,-1]")
+    cfg = _cfg(
+        synthetic_jsonl, tiny_llama_dir, out, "cache.hidden_dtype=float32", "cache.layers=[1,0,-1]",
+        "cache.salience=true",
+    )  # fmt: skip
     manifest = run(cfg, progress=False)
     assert manifest.schema_version == 2 and manifest.settings.layers == (-1, 0, 1)
+    assert manifest.settings.salience and manifest.layout.salience
     d = manifest.teacher["hidden_size"]
     assert manifest.stats.hidden_bytes_per_position == 3 * d * 4
     cache = open_cache(str(out), expect=CacheExpectation(layers=(0, 1)))
     model = load_teacher(TeacherConfig(path=str(tiny_llama_dir)))
+    model.set_attn_implementation("eager")
     for row in list(cache.iter_rows())[:3]:
         with torch.no_grad():
             live = model(
-                torch.from_numpy(row.input_ids[None, :-1].astype(np.int64)), output_hidden_states=True
+                torch.from_numpy(row.input_ids[None, :-1].astype(np.int64)),
+                output_hidden_states=True,
+                output_attentions=True,
             )
         assert sorted(row.layers) == [0, 1]
         for n in (0, 1):
             assert (row.layers[n] - live.hidden_states[n][0].float()).abs().max().item() < 1e-5
         assert (row.hidden - live.hidden_states[-1][0].float()).abs().max().item() < 1e-5
+        # salience: the last position's attention row in the block that made the layer, mean over heads
+        assert sorted(row.salience) == [-1, 1]  # layer 0 (the embeddings) comes from no attention block
+        for n, block in ((1, 0), (-1, len(live.attentions) - 1)):
+            want = live.attentions[block][0, :, -1].float().mean(0)
+            np.testing.assert_allclose(row.salience[n], want.numpy(), rtol=1e-4, atol=1e-6)
+            assert abs(float(row.salience[n].sum()) - 1.0) < 1e-5
     with pytest.raises(
         CacheError,
         match=r"needs teacher layer\(s\) \[5\], but this cache holds the final state \(-1\) and layers \[0, 1\]",
@@ -242,6 +255,18 @@ def test_v2_cache_stores_chosen_layers_and_trains_a_student(
     assert sorted(k for k in proj if k.startswith("span.")) == [
         f"span.{i}.{p}" for i in range(3) for p in ("bias", "weight")
     ]
+    # SRA over two layer pairs from the same cache (its salience columns), ZeRO-2 and LoRA
+    sra = [a for a in args if not a.startswith(("objective.", "output.dir"))] + [
+        "objective.preset=sra", "objective.sra_teacher_layers=[1,-1]", "objective.sra_student_layers=[1,-1]",
+        f"output.dir={tmp_path / 'sra'}",
+    ]  # fmt: skip
+    res = subprocess.run(sra, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    recs = [json.loads(x) for x in (tmp_path / "sra" / "metrics.jsonl").read_text().splitlines()]
+    terms = ("term/sra_span", "term/sra_delta", "term/sra_geometry", "term/sra_logit")
+    assert all(r[t] > 0 for r in recs for t in terms) and all(r["term/kd_teacher"] == 0 for r in recs)
+    proj = load_file(str(tmp_path / "sra" / "export" / "projectors" / "projectors.safetensors"))
+    assert sorted(proj) == ["sra.0.weight", "sra.1.weight"]  # no DSKD projectors for SRA alone
     # a layer the cache does not hold is refused before training, naming what it holds
     bad = [*args[:-6], "objective.preset=mta", "objective.span_teacher_layers=[5,-1]",
            "objective.span_student_layers=[1,-1]", f"output.dir={tmp_path / 'bad-run'}"]  # fmt: skip

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from _losses_common import (  # noqa: F401  (fixtures)
     _soft_dtw_kernel,
     add_spans,
+    add_sra,
     cma_of,
     make_projectors,
     make_tensors,
@@ -45,7 +46,15 @@ def test_presets_build_and_run(name):
     pairs = len(cfg.span_teacher_layers) if cfg.span_enabled else 0
     if pairs:
         add_spans(t, pairs)
-    proj = make_projectors(kq_hidden=cfg.ga_hidden if cfg.ga_enabled else None, span_pairs=pairs)
+    sra_pairs = len(cfg.sra_teacher_layers) if cfg.sra_enabled else 0
+    if sra_pairs:
+        add_sra(t, sra_pairs)
+    proj = make_projectors(
+        kq_hidden=cfg.ga_hidden if cfg.ga_enabled else None,
+        span_pairs=pairs,
+        sra_pairs=sra_pairs,
+        cma=cfg.cma_projectors,
+    )
     out = run(cfg, t, proj)
     assert out.total.dim() == 0 and torch.isfinite(out.total)
     assert set(out.terms) == set(TERM_NAMES)
@@ -63,9 +72,13 @@ def test_presets_build_and_run(name):
         + cfg.lambda_dtw * (out.terms["dtw_hidden"] + out.terms["dtw_embed"])
         + cfg.lambda_ga * out.terms["kq_adversarial"]
         + cfg.lambda_span * out.terms["span_structure"]
+        + cfg.lambda_sra * (out.terms["sra_span"] + out.terms["sra_delta"])
+        + cfg.lambda_sra_geometry * out.terms["sra_geometry"]
+        + cfg.lambda_sra_logit * out.terms["sra_logit"]
     )
     assert (out.terms["kq_adversarial"] > 0) == cfg.ga_enabled
     assert (out.terms["span_structure"] > 0) == cfg.span_enabled
+    assert (out.terms["sra_span"] > 0 and out.terms["sra_logit"] > 0) == cfg.sra_enabled
     assert out.terms["logit_kd"] == 0
     torch.testing.assert_close(out.total.detach(), expected)
     assert int(out.counts["student_tokens"]) == int(t["student_labels"].ne(-100).sum())
@@ -448,7 +461,9 @@ def test_end_to_end_with_tiny_hf_models():
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     assert all(p.grad is None for p in teacher.parameters())
     weighted = {k for k, w in TERMS.items() if getattr(PRESETS["dwa_kd"], w) > 0}
-    assert weighted == set(TERM_NAMES) - {"logit_kd", "kq_adversarial", "span_structure"}
+    assert weighted == set(TERM_NAMES) - {"logit_kd", "kq_adversarial", "span_structure"} - {
+        t for t in TERM_NAMES if t.startswith("sra_")
+    }
     assert all(out.terms[k] > 0 for k in weighted) and all(
         out.terms[k] == 0 for k in TERMS if k not in weighted
     )

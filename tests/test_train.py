@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -103,6 +104,8 @@ def launch(args, world: int, timeout=600, check=True):
     res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     if check:
         assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    if world > 1:  # DeepSpeed's CPU all-reduce segments (69 MB each) must not outlive the run in /dev/shm
+        assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     return res
 
 

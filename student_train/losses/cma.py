@@ -51,10 +51,22 @@ class Projectors(nn.Module):
             (:class:`student_train.losses.adversarial.KQDiscriminator`) or ``None``; it lives here so that it
             is trained, checkpointed, resumed and exported with the projectors.
         span: MTA's per-layer-pair ``Linear(d_S, d_T)`` (an ``nn.ModuleList``) or ``None``.
+        sra: SRA's per-layer-pair ``Linear(d_S, d_T, bias=False)`` (xavier-uniform init, as the reference's
+            ``d_S x d_T`` parameters) or ``None``.
+    With ``cma=False`` (methods without the cross-model attention or DTW, e.g. SRA alone) ``query``, ``t2s``
+    and ``s2t`` are ``None``: a parameter that never gets a gradient would only confuse data-parallel wrappers.
     """
 
     def __init__(
-        self, d_s: int, d_t: int, *, dtw_embed: bool = True, kq_hidden: int | None = None, span_pairs: int = 0
+        self,
+        d_s: int,
+        d_t: int,
+        *,
+        dtw_embed: bool = True,
+        kq_hidden: int | None = None,
+        span_pairs: int = 0,
+        sra_pairs: int = 0,
+        cma: bool = True,
     ) -> None:
         """Build the projectors.
 
@@ -64,22 +76,29 @@ class Projectors(nn.Module):
             dtw_embed: also build ``dtw_embed_t2s`` (needed iff the DTW term is on).
             kq_hidden: build the GA discriminator with this hidden width (``None``: none).
             span_pairs: build this many MTA span projectors (0: none).
+            sra_pairs: build this many SRA projectors (0: none).
+            cma: build DSKD's ``query``, ``t2s`` and ``s2t``.
         """
         super().__init__()
         if d_s < 1 or d_t < 1:
             raise ValueError(f"hidden sizes must be >= 1, got d_s={d_s}, d_t={d_t}")
         self.d_s = d_s
         self.d_t = d_t
-        self.query = nn.Linear(2 * d_s, 2 * d_t)
-        self.t2s = nn.Linear(d_t, d_s)
-        self.s2t = nn.Linear(d_s, d_t)
-        self.dtw_embed_t2s = nn.Linear(d_t, d_s) if dtw_embed else None
+        self.query = nn.Linear(2 * d_s, 2 * d_t) if cma else None
+        self.t2s = nn.Linear(d_t, d_s) if cma else None
+        self.s2t = nn.Linear(d_s, d_t) if cma else None
+        self.dtw_embed_t2s = nn.Linear(d_t, d_s) if dtw_embed and cma else None
         self.kq_discriminator = None
         if kq_hidden is not None:
             from student_train.losses.adversarial import KQDiscriminator
 
             self.kq_discriminator = KQDiscriminator(2 * d_t, kq_hidden)
         self.span = nn.ModuleList(nn.Linear(d_s, d_t) for _ in range(span_pairs)) if span_pairs else None
+        self.sra = None
+        if sra_pairs:
+            self.sra = nn.ModuleList(nn.Linear(d_s, d_t, bias=False) for _ in range(sra_pairs))
+            for lin in self.sra:
+                nn.init.xavier_uniform_(lin.weight)
 
     def extra_repr(self) -> str:
         """Sizes for ``print(module)``."""

@@ -35,6 +35,10 @@ TERMS: dict[str, str] = {
     "logit_kd": "lambda_logit",
     "kq_adversarial": "lambda_ga",
     "span_structure": "lambda_span",
+    "sra_span": "lambda_sra",
+    "sra_delta": "lambda_sra",
+    "sra_geometry": "lambda_sra_geometry",
+    "sra_logit": "lambda_sra_logit",
 }
 TERM_NAMES: tuple[str, ...] = tuple(TERMS)
 
@@ -174,6 +178,38 @@ class ObjectiveConfig:
         ),
     )
 
+    lambda_sra: float = field(
+        default=0.0,
+        metadata=_help(
+            "SRA: weight of its span and inter-layer delta terms (reference (1 - alpha) x 2 = 1.0); every SRA "
+            "term is a mean over the micro-batch's samples (>= 0)"
+        ),
+    )
+    lambda_sra_geometry: float = field(
+        default=0.0, metadata=_help("SRA: weight of the span geometry term (reference 0.5 x 50 = 25) (>= 0)")
+    )
+    lambda_sra_logit: float = field(
+        default=0.0,
+        metadata=_help("SRA: weight of the span logit KL over the shared vocabulary (reference 0.5) (>= 0)"),
+    )
+    sra_teacher_layers: tuple[int, ...] = field(
+        default=(-1,),
+        metadata=_help(
+            "SRA: teacher layers of the pairs, HF hidden_states indices >= 1 (-1 = final); the cache must hold "
+            "them with their salience (cache.layers, cache.salience=true); the last pair feeds geometry and logits"
+        ),
+    )
+    sra_student_layers: tuple[int, ...] = field(
+        default=(-1,), metadata=_help("SRA: student layers of the pairs (>= 1 or -1), same length")
+    )
+    sra_power: float = field(default=1.0, metadata=_help("SRA: span weight = mass^p / sum mass^p (> 0)"))
+    sra_weighted_pooling: bool = field(
+        default=True, metadata=_help("SRA: attention-weighted centre of mass (false: plain mean of the span)")
+    )
+    sra_span_weighting: bool = field(
+        default=True, metadata=_help("SRA: salience span weights (false: uniform over the sample's spans)")
+    )
+
     def __post_init__(self) -> None:
         """Range checks; every message names the field and the allowed range."""
         for name in (
@@ -207,6 +243,16 @@ class ObjectiveConfig:
             raise ValueError(
                 f"span_word_pairs must be in [0, {len(self.span_teacher_layers)}], got {self.span_word_pairs}"
             )
+        if len(self.sra_teacher_layers) != len(self.sra_student_layers) or not self.sra_teacher_layers:
+            raise ValueError(
+                f"sra_teacher_layers {list(self.sra_teacher_layers)} and sra_student_layers "
+                f"{list(self.sra_student_layers)} must pair up (same length, at least one pair)"
+            )
+        bad = [n for n in (*self.sra_teacher_layers, *self.sra_student_layers) if n == 0 or n < -1]
+        if bad:
+            raise ValueError(f"SRA layers must be >= 1 or -1 (layer 0 has no attention block), got {bad}")
+        if not self.sra_power > 0:
+            raise ValueError(f"sra_power must be > 0, got {self.sra_power}")
         if self.mlot_top_k < 1:
             raise ValueError(f"mlot_top_k must be >= 1, got {self.mlot_top_k}")
         for name in ("kd_temperature", "dtw_gamma"):
@@ -246,7 +292,17 @@ class ObjectiveConfig:
     @property
     def needs_projectors(self) -> bool:
         """Trainable projectors and the teacher embedding table are required (DSKD family)."""
-        return self.kd_enabled or self.dtw_enabled or self.ga_enabled or self.span_enabled
+        return self.cma_projectors or self.span_enabled or self.sra_enabled
+
+    @property
+    def cma_projectors(self) -> bool:
+        """DSKD's projectors (query, t2s, s2t) and the teacher embedding table are needed."""
+        return self.kd_enabled or self.dtw_enabled or self.ga_enabled
+
+    @property
+    def sra_enabled(self) -> bool:
+        """An SRA term is computed (needs cached teacher layers with their salience, and student attentions)."""
+        return self.lambda_sra > 0 or self.lambda_sra_geometry > 0 or self.lambda_sra_logit > 0
 
     @property
     def span_enabled(self) -> bool:
@@ -266,7 +322,9 @@ class ObjectiveConfig:
     @property
     def needs_teacher_head(self) -> bool:
         """Exact teacher logits (cached hidden states x head) are required."""
-        return self.kd_enabled or self.logit_kd in ("uld", "mined", "multilevel_ot")
+        return (
+            self.kd_enabled or self.logit_kd in ("uld", "mined", "multilevel_ot") or self.lambda_sra_logit > 0
+        )
 
     @property
     def needs_offsets_pairing(self) -> bool:
@@ -348,6 +406,21 @@ PRESETS: dict[str, ObjectiveConfig] = {
     # Ablations of its scripts: all pairs on words (span_word_pairs = number of pairs) or on phrases (0).
     "mta": ObjectiveConfig(
         method="mta", lambda_span=1.0, span_teacher_layers=(-1,), span_student_layers=(-1,), span_word_pairs=0
+    ),
+    # SRA (sonho4ng/SRAv2 d7c7263: loss = 0.5 CE + 0.5 (2 (span + delta) + 50 geometry + KL), T = 2). Its scripts
+    # pair three layers (e.g. Qwen2.5-7B [24,26,28] <- OPT-2.7B [28,30,32]); the preset's one final pair runs on
+    # any cache built with cache.salience=true (docs/BASELINES.md).
+    "sra": ObjectiveConfig(
+        method="sra",
+        lambda_ce=0.5,
+        lambda_kd=0.0,
+        lambda_dtw=0.0,
+        lambda_sra=1.0,
+        lambda_sra_geometry=25.0,
+        lambda_sra_logit=0.5,
+        kd_temperature=2.0,
+        entropy_weighting=False,
+        gate=False,
     ),
     # Logit-level baselines of Table 1 (docs/BASELINES.md): (1 - a) CE + a * term, as DSKD's criteria.
     "uld": ObjectiveConfig(method="uld", **_LOGIT, logit_kd="uld"),

@@ -54,6 +54,13 @@ class ObjectiveInputs:
             (:mod:`student_train.spans`), ``-1`` = no span.
         teacher_entropy: ``[B, m]`` cached entropy of the teacher's next-token distribution (MTA's
             ``span_weighting="certainty"``).
+        sra_student_layers, sra_teacher_layers: SRA, per layer pair ``[B, n, d_S]`` (live) / ``[B, m, d_T]``.
+        student_salience, teacher_salience: SRA, per pair ``[B, n]`` / ``[B, m]`` attention salience (the
+            student's from its own attention, the teacher's from the cache).
+        chunk_spans: SRA, ``(student [B, n], teacher [B, m])`` long ids of the response chunks both
+            tokenizations cut at (shared numbering), ``-1`` = none.
+        student_output_head: the student's output module (SRA's span logits; called, so ZeRO-3 gathers it).
+        shared_vocab: ``(student ids [S], teacher ids [S])`` the token strings both vocabularies hold (SRA).
     """
 
     student_logits: torch.Tensor
@@ -79,6 +86,13 @@ class ObjectiveInputs:
     word_spans: tuple[torch.Tensor, torch.Tensor] | None = None
     phrase_spans: tuple[torch.Tensor, torch.Tensor] | None = None
     teacher_entropy: torch.Tensor | None = None
+    sra_student_layers: list[torch.Tensor] | None = None
+    sra_teacher_layers: list[torch.Tensor] | None = None
+    student_salience: list[torch.Tensor] | None = None
+    teacher_salience: list[torch.Tensor] | None = None
+    chunk_spans: tuple[torch.Tensor, torch.Tensor] | None = None
+    student_output_head: torch.nn.Module | None = None
+    shared_vocab: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def validate(self, cfg: ObjectiveConfig) -> None:
         """Raise ``ValueError`` on missing, mis-shaped, non-finite or out-of-range inputs for ``cfg``."""
@@ -93,7 +107,12 @@ class ObjectiveInputs:
         if not cfg.needs_teacher:
             return
         needed = ["teacher_hidden", "teacher_labels"]
-        if cfg.needs_projectors:
+        if cfg.sra_enabled:
+            needed += ["sra_student_layers", "sra_teacher_layers", "student_salience", "teacher_salience"]
+            needed += ["chunk_spans"]
+            if cfg.lambda_sra_logit > 0:
+                needed += ["student_output_head", "shared_vocab", "teacher_head"]
+        if cfg.cma_projectors:
             needed += ["student_hidden", "student_target_embeds", "teacher_embeddings"]
         if cfg.needs_teacher_head:
             needed += ["teacher_head"]

@@ -37,6 +37,7 @@ from student_train.losses.divergences import (
 )
 from student_train.losses.dwa import dtw_loss, gate_from_logits, student_token_weights, teacher_token_weights
 from student_train.losses.inputs import ObjectiveInputs
+from student_train.losses.span_repr import sra_terms
 from student_train.losses.structure import span_structure_loss
 
 __all__ = [
@@ -137,6 +138,14 @@ def compute_terms(
         terms["logit_kd"] = logit_kd_term(cfg, inputs, s_mask, t_mask).to(dtype)
     if not cfg.needs_projectors:
         return terms, counts
+    if projectors is None:
+        raise ValueError(f"method {cfg.method!r} needs Projectors; got None")
+    if cfg.sra_enabled:
+        terms.update(_sra_terms(cfg, inputs, projectors, counts["student_tokens"], dtype))
+    if cfg.span_enabled:  # a mean over span pairs per micro-batch (the reference's scale, see config)
+        terms["span_structure"] = _span_term(cfg, inputs, projectors).to(dtype)
+    if not cfg.cma_projectors:
+        return terms, counts
     proj = _check_projectors(
         cfg, projectors, inputs.student_hidden.shape[-1], inputs.teacher_hidden.shape[-1]
     )
@@ -155,9 +164,34 @@ def compute_terms(
         terms["kq_adversarial"] = kq_adversarial_loss(
             proj.kq_discriminator, cma.queries, cma.keys, s_mask, t_mask
         ).to(dtype)
-    if cfg.span_enabled:  # a mean over span pairs per micro-batch (the reference's scale, see config)
-        terms["span_structure"] = _span_term(cfg, inputs, proj).to(dtype)
     return terms, counts
+
+
+def _sra_terms(
+    cfg: ObjectiveConfig, x: ObjectiveInputs, proj: Projectors, tokens: torch.Tensor, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """SRA's terms (:mod:`student_train.losses.span_repr`), each a mean over samples as in the reference,
+    times the micro-batch's token count so that the trainer's division by tokens gives that mean back."""
+    if proj.sra is None or len(proj.sra) != len(cfg.sra_teacher_layers):
+        raise ValueError(f"the SRA terms need Projectors(..., sra_pairs={len(cfg.sra_teacher_layers)})")
+    out = sra_terms(
+        student_layers=x.sra_student_layers,
+        teacher_layers=x.sra_teacher_layers,
+        student_salience=x.student_salience,
+        teacher_salience=x.teacher_salience,
+        student_spans=x.chunk_spans[0],
+        teacher_spans=x.chunk_spans[1],
+        projectors=proj.sra,
+        student_head=x.student_output_head if cfg.lambda_sra_logit > 0 else None,
+        teacher_head=x.teacher_head,
+        teacher_head_bias=x.teacher_head_bias,
+        shared_vocab=x.shared_vocab,
+        temperature=cfg.kd_temperature,
+        power=cfg.sra_power,
+        weighted_pooling=cfg.sra_weighted_pooling,
+        span_weighting=cfg.sra_span_weighting,
+    )
+    return {name: (value * tokens).to(dtype) for name, value in out.items()}
 
 
 def _span_term(cfg: ObjectiveConfig, x: ObjectiveInputs, proj: Projectors) -> torch.Tensor:
