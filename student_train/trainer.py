@@ -64,10 +64,7 @@ def release_shm_buffer(rank: int) -> None:
     dist.barrier()
     port = os.environ.get("MASTER_PORT", "")
     for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        Path(path).unlink(missing_ok=True)
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
