@@ -65,7 +65,7 @@ class PeakRSS:
         return self.peak / 2**20
 
 
-def build_cache(records: int, out: Path, max_length: int) -> Path:
+def build_cache(records: int, out: Path, max_length: int, extra: tuple[str, ...] = ()) -> Path:
     from teacher_cache.job import CacheJobConfig, run
 
     cfg = load_config(
@@ -80,6 +80,7 @@ def build_cache(records: int, out: Path, max_length: int) -> Path:
             f"cache.max_prompt_length={max_length // 2}",
             "cache.rows_per_shard=16",
             "ray.cpus_per_actor=2",
+            *extra,
         ],
     )
     run(cfg, progress=False)
@@ -115,10 +116,19 @@ def main() -> int:
     if not (SHARED / "tokenizers/gpt2").exists():
         print("needs ../shared/data (Dolly dev and the GPT-2 tokenizer)", file=sys.stderr)
         return 2
+    presets = [p.strip() for p in args.presets.split(",") if p.strip() and p.strip() != "dwa_kd"] + ["dwa_kd"]
+    cfgs = {p: ObjectiveConfig.preset(p, check_inputs=False) for p in presets}
+    from student_train.align import teacher_layers_needed
+
+    layers = sorted({n for c in cfgs.values() for n in teacher_layers_needed(c)})
+    sra_wanted = any(c.sra_enabled for c in cfgs.values())
+    extra = (f"cache.layers=[{','.join(map(str, [*layers, -1]))}]",) + (
+        ("cache.salience=true",) if sra_wanted else ()
+    )
     cache_dir = (
         Path(args.cache)
         if args.cache
-        else build_cache(args.records, Path(tempfile.mkdtemp()) / "cache", args.max_length)
+        else build_cache(args.records, Path(tempfile.mkdtemp()) / "cache", args.max_length, extra)
     )
     cache = open_cache(str(cache_dir))
 
@@ -148,23 +158,27 @@ def main() -> int:
         with_teacher=True,
         truncation="warn",  # timing only: samples the student keeps less of are counted, not refused
     )
-    presets = [p.strip() for p in args.presets.split(",") if p.strip() and p.strip() != "dwa_kd"] + ["dwa_kd"]
-    cfgs = {p: ObjectiveConfig.preset(p, check_inputs=False) for p in presets}
     t = time.perf_counter()
     plain = list(ScheduledBatches(cache, sched, 0, 0, kw))[: args.steps]
     collate_plain = (time.perf_counter() - t) / len(plain)
     mined, collate_aligned = None, None
     logit = any(c.logit_enabled for c in cfgs.values())
     spans = [c for c in cfgs.values() if c.span_enabled]
-    if logit or spans:
+    if logit or spans or sra_wanted:
         # the logit-level baselines need per-sample alignments, MTA its word/phrase spans: computed at collation
         from student_train.align import BatchAlignment, MinedVocab
 
         if any(c.needs_mined_alignment for c in cfgs.values()):
             mined = MinedVocab(cache.load_teacher_tokenizer(args.teacher_tokenizer), tok)
-        layers = sorted({n for c in spans for n in c.span_teacher_layers if n >= 0})
+        sra = [c for c in cfgs.values() if c.sra_enabled]
         kw["alignment"] = BatchAlignment(
-            offsets=logit, mined=mined, topk=logit, layers=tuple(layers), spans=bool(spans)
+            offsets=logit,
+            mined=mined,
+            topk=logit,
+            layers=tuple(layers),
+            spans=bool(spans),
+            salience=tuple(sorted({n for c in sra for n in c.sra_teacher_layers})),
+            chunks=bool(sra),
         )
         t = time.perf_counter()
         batches = list(ScheduledBatches(cache, sched, 0, 0, kw))[: args.steps]
@@ -178,17 +192,42 @@ def main() -> int:
         (c.ga_hidden for c in cfgs.values() if c.ga_enabled), None
     )  # DSKD-CMA-GA's discriminator
     span_pairs = max((len(c.span_teacher_layers) for c in spans), default=0)  # MTA's span projectors
-    proj = Projectors(args.student_hidden, cache.hidden_size, kq_hidden=kq_hidden, span_pairs=span_pairs)
+    sra_pairs = max((len(c.sra_teacher_layers) for c in cfgs.values() if c.sra_enabled), default=0)
+    proj = Projectors(
+        args.student_hidden,
+        cache.hidden_size,
+        kq_hidden=kq_hidden,
+        span_pairs=span_pairs,
+        sra_pairs=sra_pairs,
+    )
     sft = Distiller(student, None, ObjectiveConfig.preset("sft"))
     mined_map = tuple(torch.from_numpy(a) for a in mined.image()) if mined is not None else None
-    kd = {
-        p: Distiller(student, None, c, head, None, mined_map)
-        if c.logit_enabled
-        else Distiller(student, proj, c, head, emb)
-        for p, c in cfgs.items()
-    }
+    # SRA pools with the student's own attention probabilities: a copy of the student with eager attention (the
+    # others keep SDPA), with its own optimizer; its extra cost over SFT includes that of eager attention
+    eager = None
+    if sra_wanted:
+        import copy
+
+        from student_train.align import shared_vocab
+
+        eager = copy.deepcopy(student)
+        eager.set_attn_implementation("eager")
+        pair = shared_vocab(cache.load_teacher_tokenizer(args.teacher_tokenizer), tok)
+    kd = {}
+    for p, c in cfgs.items():
+        if c.logit_enabled:
+            kd[p] = Distiller(student, None, c, head, None, mined_map)
+        elif c.sra_enabled:
+            kd[p] = Distiller(eager, proj, c, head, emb)
+            kd[p].teacher["shared_vocab"] = tuple(torch.from_numpy(a) for a in pair)
+        else:
+            kd[p] = Distiller(student, proj, c, head, emb)
     dwa = kd["dwa_kd"]
     opt = torch.optim.AdamW(list(student.parameters()) + list(proj.parameters()), lr=1e-5)
+    opts = {id(m): opt for m in kd.values()}
+    if eager is not None:
+        opt_eager = torch.optim.AdamW(list(eager.parameters()) + list(proj.parameters()), lr=1e-5)
+        opts.update({id(m): opt_eager for m in kd.values() if m.student is eager})
 
     from teacher_cache.teacher import TeacherConfig, load_teacher
 
@@ -197,10 +236,11 @@ def main() -> int:
     )
 
     def step(module, b):
-        opt.zero_grad(set_to_none=True)
+        o = opts.get(id(module), opt)
+        o.zero_grad(set_to_none=True)
         out = module(b)
         (out.total / max(b.num_label_tokens, 1)).backward()
-        opt.step()
+        o.step()
 
     def run_sft():
         for b in batches:
