@@ -111,6 +111,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="training override for the KD methods"
     )
+    ap.add_argument(
+        "--cache-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="cache job override (e.g. cache.layers=[7,14,-1], cache.salience=true); the cache directory is "
+        "named after them, so caches with other settings live side by side",
+    )
     ap.add_argument("--eval-samples", type=int, default=50, help="prompts per test set for ROUGE-L")
     ap.add_argument("--bpb-samples", type=int, default=100, help="references per test set for bpb (0 = all)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -189,18 +197,23 @@ def main(argv: list[str] | None = None) -> int:
                 install(spec)
 
     t0 = time.time()
-    cache = work / f"cache-{len(train_rows)}-{args.max_length}"
+    cache_over = [o.strip() for o in args.cache_set]
+    cache_tag = "".join(
+        f"-{k.split('.')[-1]}{v.strip('[]').replace(',', '.')}"
+        for k, _, v in (o.partition("=") for o in cache_over)
+    )
+    cache = work / f"cache-{len(train_rows)}-{args.max_length}{cache_tag}"
     half = args.max_length // 2
     if not (cache / "manifest.json").exists() and not args.report_only:
         sec = sh(
             [
                 py, "-m", "teacher_cache.job", "--config", args.cache_config, "--no-progress",
                 f"data.path={work / 'train.jsonl'}", f"cache.output={cache}",
-                f"cache.max_length={args.max_length}", f"cache.max_prompt_length={half}",
+                f"cache.max_length={args.max_length}", f"cache.max_prompt_length={half}", *cache_over,
             ],
-            work / "cache.log",
+            work / f"cache{cache_tag}.log",
         )  # fmt: skip
-        (work / "cache.timing.json").write_text(json.dumps({"seconds": round(sec, 1)}))
+        (work / f"cache{cache_tag}.timing.json").write_text(json.dumps({"seconds": round(sec, 1)}))
     print(f"cache ready ({time.time() - t0:.0f} s): {cache}", flush=True)
 
     student_init = args.student_init or train_cfg["student"]["path"]
@@ -251,7 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         warm_tag = f"-warm{args.warm_start_epochs}"
     overrides = [o.strip() for o in args.set]
     if overrides:
-        set_tag = "".join(f"-{k.split('.')[-1]}{v}" for k, _, v in (o.partition("=") for o in overrides))
+        set_tag = "".join(
+            f"-{k.split('.')[-1]}{v.strip('[]').replace(',', '.')}"
+            for k, _, v in (o.partition("=") for o in overrides)
+        )
 
     if args.select:
         sets = [("heldout", str(work / "heldout.jsonl"))]

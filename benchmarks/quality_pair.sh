@@ -4,7 +4,8 @@
 # the work tree so that it outlives a fresh checkout: WORK=${WORK:-$HOME/xtokd-runs/quality-pair}.
 #   1. the LR, chosen once on the held-out Dolly dev slice with SFT (lowest bits-per-byte);
 #   2. SFT, DSKD, DWA-KD over 3 training seeds (seed 1 first), then DWA-KD and DSKD with the projector pre-fit,
-#      then the baselines and the Teacher row.
+#      MTA and SRA (from a second cache with intermediate layers and salience), then the baselines and the
+#      Teacher row.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-$HOME/xtokd-runs/quality-pair}
@@ -24,5 +25,15 @@ echo "selected lr $LR" | tee "$WORK/selected_lr.txt"
 # the projector pre-fit (docs/BENCHMARKS.md, "why KD does not beat SFT"): one pass over the rows fitting query/t2s
 "$PY" "${Q[@]}" --lrs "$LR" --methods dwa_kd,dskd --seeds 1,2,3 --bpb-samples 500 \
     --set train.projector_prefit_steps=75 --out "$WORK/prefit.json" --md "$WORK/prefit.md"
+# the relatives that read intermediate teacher layers: a second cache of the same rows with layers and salience
+# (Qwen2.5-Coder-1.5B has 28 blocks, the pruned SmolLM2 24); MTA pairs four layers (the lowest on words), SRA the
+# top three, as their reference scripts do for their pairs
+CS=(--cache-set "cache.layers=[7,14,21,24,26,-1]" --cache-set cache.salience=true)
+"$PY" "${Q[@]}" "${CS[@]}" --lrs "$LR" --methods mta --seeds 1,2,3 --bpb-samples 500 \
+    --set "objective.span_teacher_layers=[7,14,21,-1]" --set "objective.span_student_layers=[6,12,18,-1]" \
+    --set objective.span_word_pairs=1 --out "$WORK/mta.json" --md "$WORK/mta.md"
+"$PY" "${Q[@]}" "${CS[@]}" --lrs "$LR" --methods sra --seeds 1,2,3 --bpb-samples 500 \
+    --set "objective.sra_teacher_layers=[24,26,-1]" --set "objective.sra_student_layers=[20,22,-1]" \
+    --out "$WORK/sra.json" --md "$WORK/sra.md"
 "$PY" "${Q[@]}" --lrs "$LR" --methods sft,dskd,dwa_kd,uld,mined,multilevel_ot --seeds 1,2,3 --bpb-samples 500 \
     --student-base --teacher --out "$WORK/all.json" --md "$WORK/all.md"
