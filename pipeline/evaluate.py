@@ -74,6 +74,11 @@ class EvalConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = field(
         "float32", help="dtype the model is evaluated in (bfloat16 on accelerators halves memory and time)"
     )
+    engine: Literal["hf", "vllm"] = field(
+        "hf",
+        help="generation engine: hf (transformers generate) or vllm (when installed; it has no "
+        "no_repeat_ngram_size, so that must be 0). Bits-per-byte always runs through transformers",
+    )
     bits_per_byte: bool = field(True, help="also compute reference bits-per-byte")
     output: str = field(
         "", help="directory for metrics.json, results.md, generations.jsonl (default: <checkpoint>/eval)"
@@ -122,6 +127,36 @@ def resolve_device(name: str) -> str:
     if name == "mps" and not torch.backends.mps.is_available():
         raise ValueError("eval.device=mps: MPS is not available on this machine (use auto or cpu)")
     return name
+
+
+def check_engine(cfg: EvalConfig) -> None:
+    """The vLLM engine must be importable and the protocol expressible in it; a clear error otherwise."""
+    if cfg.engine != "vllm":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError(
+            "eval.engine=vllm: vLLM is not installed in this environment (pip install vllm, on a CUDA machine); "
+            "or use eval.engine=hf"
+        )
+    if cfg.no_repeat_ngram_size:
+        raise ValueError(
+            f"eval.engine=vllm has no no_repeat_ngram_size (DSKD's protocol uses {cfg.no_repeat_ngram_size}); set "
+            "eval.no_repeat_ngram_size=0 to accept that departure, or use eval.engine=hf"
+        )
+
+
+def generate_vllm(llm, prompts: list[str], tok, cfg: EvalConfig, seed: int) -> list[str]:
+    """Sampled continuations with vLLM (same prompt truncation, temperature, top-p, budget and cleaning)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(
+        temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, seed=seed
+    )
+    inputs = [TokensPrompt(prompt_token_ids=_prompt_ids(tok, p, cfg.max_prompt_length)) for p in prompts]
+    outs = llm.generate(inputs, params, use_tqdm=False)
+    return [clean_generation(o.outputs[0].text) for o in outs]
 
 
 def generate(model, tok, prompts: list[str], cfg: EvalConfig, seed: int, progress=None) -> list[str]:
@@ -235,7 +270,13 @@ def evaluate(checkpoint: str, cfg: EvalConfig, progress: bool = True) -> dict:
     path = resolve(checkpoint)  # model:NAME -> its prepared HF folder (e.g. to score a teacher)
     tok = AutoTokenizer.from_pretrained(path)
     device = resolve_device(cfg.device)
+    check_engine(cfg)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype)).to(device).eval()
+    llm = None
+    if cfg.engine == "vllm":
+        from vllm import LLM
+
+        llm = LLM(model=path, dtype=cfg.dtype, seed=0)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     out_dir = Path(cfg.output or Path(checkpoint) / "eval")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +296,11 @@ def evaluate(checkpoint: str, cfg: EvalConfig, progress: bool = True) -> dict:
         )
         t = time.time()
         for seed in cfg.seeds:
-            preds = generate(model, tok, prompts, cfg, seed, bar)
+            if llm is not None:
+                preds = generate_vllm(llm, prompts, tok, cfg, seed)
+                bar.update(len(prompts))
+            else:
+                preds = generate(model, tok, prompts, cfg, seed, bar)
             scores = [rouge_l(p, r.references, scorer) for p, r in zip(preds, recs)]
             per_seed.append(statistics.mean(scores))
             for r, p, sc in zip(recs, preds, scores):
@@ -381,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # user mistakes in the config or the device: one line, not a traceback
         cfg = load_config(EvalConfig, args.config, args.overrides)
         resolve_device(cfg.device)
+        check_engine(cfg)
     except ValueError as e:
         ap.exit(2, f"error: {e}\n")
     if not cfg.sets:

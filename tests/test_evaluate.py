@@ -82,3 +82,28 @@ def test_evaluate_runs_in_the_requested_dtype_on_the_resolved_device(
         out = subprocess.run(args, capture_output=True, text=True)
         assert out.returncode == 2 and "eval.device=cuda:0: CUDA is not available" in out.stderr
         assert "Traceback" not in out.stderr
+
+
+def test_vllm_engine_is_a_clear_error_when_absent_or_when_the_protocol_needs_what_it_lacks(tmp_path):
+    """eval.engine=vllm: without vLLM installed, a one-line error naming the fix (no traceback); with it, the
+    DSKD protocol's no_repeat_ngram_size must be turned off explicitly (vLLM has none)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    import pytest
+
+    from pipeline.evaluate import check_engine
+
+    if importlib.util.find_spec("vllm") is not None:
+        with pytest.raises(ValueError, match="no no_repeat_ngram_size"):
+            check_engine(EvalConfig(engine="vllm"))
+        check_engine(EvalConfig(engine="vllm", no_repeat_ngram_size=0))
+        return
+    with pytest.raises(ValueError, match="vLLM is not installed"):
+        check_engine(EvalConfig(engine="vllm", no_repeat_ngram_size=0))
+    args = [sys.executable, "-m", "pipeline.evaluate", "--checkpoint", str(tmp_path), "engine=vllm"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "eval.engine=vllm: vLLM is not installed" in out.stderr
+    assert "Traceback" not in out.stderr
+    check_engine(EvalConfig())  # the default engine needs nothing
