@@ -75,7 +75,7 @@ def test_teacher_cache_layers():
         "format": set(),
         "manifest": {"format"},
         "storage": set(),
-        "teacher": set(),
+        "teacher": {"format"},  # the salience column's one definition (attention_salience)
         "writer": {"format", "manifest", "storage", "teacher"},
         "reader": {"format", "manifest", "storage"},
     }
