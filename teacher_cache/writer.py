@@ -36,6 +36,15 @@ def _legacy_sidecar_name(index: int) -> str:
     return shard_name(index) + ".json"  # where caches written before PROGRESS_DIR kept it
 
 
+def serialize_shard(table: pa.Table) -> pa.Buffer:
+    """A shard's bytes: the table as one Arrow IPC file, uncompressed (its size is a function of the row
+    lengths and texts only, which is what lets ``pipeline.plan`` predict a cache's bytes exactly)."""
+    sink = pa.BufferOutputStream()
+    with ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue()
+
+
 def write_shard(uri: str, index: int, rows: list[dict], layout: Layout, *, job_fingerprint: str) -> dict:
     """Write shard ``index`` (an Arrow IPC file) and its sidecar; returns the shard's manifest entry.
 
@@ -47,10 +56,7 @@ def write_shard(uri: str, index: int, rows: list[dict], layout: Layout, *, job_f
     fs, root, _ = storage.resolve(uri)
     rows = sorted(rows, key=lambda r: r["source_index"])
     table = build_table(rows, layout)
-    sink = pa.BufferOutputStream()
-    with ipc.new_file(sink, table.schema) as w:
-        w.write_table(table)
-    buf = sink.getvalue()
+    buf = serialize_shard(table)
     digest = hashlib.sha256(memoryview(buf)).hexdigest()
     storage.atomic_write(fs, storage.join(root, shard_name(index)), buf)
     entry = {

@@ -706,3 +706,41 @@ def test_tied_embeddings_are_stored_once(ray_session, tmp_path, synthetic_jsonl,
     model = load_teacher(TeacherConfig(path=str(teacher)))
     cache = open_cache(str(out), verify=True)
     assert torch.equal(cache.load_embeddings(), model.get_input_embeddings().weight)
+
+
+@pytest.mark.parametrize("extra", [(), ("--layers", "0,1,-1", "--salience", "--hidden-dtype", "int8")])
+def test_planner_predicts_the_cache_bytes_exactly(
+    llama_cache, synthetic_jsonl, tiny_llama_dir, tmp_path, extra
+):
+    """python -m pipeline.plan with the records and the teacher tokenizer predicts the shard bytes the job
+    writes, to the byte (v1 fp32 here; a v2 int8 cache with layers and salience built for the comparison)."""
+    import contextlib
+    import io
+
+    from pipeline.plan import main as plan_main
+
+    if extra:
+        out = tmp_path / "v2-int8"
+        manifest = run(
+            _cfg(
+                synthetic_jsonl, tiny_llama_dir, out, "cache.hidden_dtype=int8", "cache.layers=[0,1,-1]",
+                "cache.salience=true",
+            ),
+            progress=False,
+        )  # fmt: skip
+        settings = list(extra)
+    else:
+        _, manifest = llama_cache
+        settings = ["--hidden-dtype", "float32"]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        plan_main(
+            [
+                "--teacher", str(tiny_llama_dir), "--student", "gpt2-120m", "--data", str(synthetic_jsonl),
+                "--tokenizer", str(tiny_llama_dir), "--rows-per-shard", "16", "--json", *settings,
+            ]
+        )  # fmt: skip
+    got = json.loads(buf.getvalue())
+    assert got["cache"]["exact"] and got["cache"]["rows"] == manifest.stats.rows
+    assert got["cache"]["positions"] == manifest.stats.positions
+    assert got["cache"]["bytes"] == manifest.stats.bytes
