@@ -53,6 +53,15 @@ def parse(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
 
         print_config({**to_dict(cfg), "objective": dataclasses.asdict(cfg.objective_config())})
         sys.exit(0)
+    if cfg.train.precision == "fp16":  # checked here, where it runs (a login node may print configs)
+        from deepspeed.accelerator import get_accelerator
+
+        if not get_accelerator().is_fp16_supported():
+            ap.exit(
+                2,
+                f"error: train.precision=fp16: DeepSpeed does not support fp16 on this device "
+                f"({get_accelerator().device_name()}); use bf16 or fp32 here, fp16 on a GPU\n",
+            )
     return cfg, args
 
 

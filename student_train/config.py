@@ -115,8 +115,10 @@ class TrainLoop:
     epochs: int = field(1, help="passes over the data")
     max_steps: int | None = field(None, help="stop after this many optimizer steps (overrides epochs)")
     seed: int = field(10, help="seed of init, shuffling and dropout")
-    precision: Literal["fp32", "bf16"] = field(
-        "bf16", help="training precision (bf16 keeps fp32 master weights)"
+    precision: Literal["fp32", "bf16", "fp16"] = field(
+        "bf16",
+        help="training precision (bf16 and fp16 keep fp32 master weights; fp16 with DeepSpeed's dynamic loss "
+        "scaling, for accelerators without bf16)",
     )
     zero_stage: int = field(1, help="DeepSpeed ZeRO stage 0-3")
     offload: bool = field(False, help="offload optimizer state to CPU (ZeRO >= 1)")
@@ -157,7 +159,7 @@ class OutputConfig:
     export: bool = field(True, help="write an HF-format student (+ projectors) to dir/export at the end")
     export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         "auto",
-        help="dtype of the exported weights; auto = the training precision (fp32 -> float32, bf16 -> bfloat16)",
+        help="dtype of the exported weights; auto = the training precision (fp32 -> float32, bf16 -> bfloat16, fp16 -> float16)",
     )
 
 
@@ -211,6 +213,7 @@ class TrainConfig:
             "gradient_clipping": self.optim.clip_grad,
             "zero_optimization": zero,
             "bf16": {"enabled": t.precision == "bf16"},
+            "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
@@ -235,6 +238,8 @@ _OWNED = {
     "zero_optimization.offload_optimizer": "train.offload",
     "bf16": "train.precision",
     "bf16.enabled": "train.precision",
+    "fp16": "train.precision",
+    "fp16.enabled": "train.precision",
     "optimizer": "optim.* (the run builds its own AdamW)",
     "scheduler": "optim.* (the run builds its own schedule)",
 }

@@ -279,7 +279,7 @@ def export_student(
         student = student.merge_and_unload()
     dtype = cfg.output.export_dtype
     if dtype == "auto":
-        dtype = "bfloat16" if cfg.train.precision == "bf16" else "float32"
+        dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.train.precision, "float32")
     student = student.to(getattr(torch, dtype))
     # one EOS everywhere: the token the student was trained to end its answers with
     eos = eos_id_of(tokenizer, cfg.student.eos_token)

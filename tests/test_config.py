@@ -172,3 +172,31 @@ def test_resume_compares_settings_key_by_key_and_tolerates_keys_a_newer_release_
     assert (
         changed_settings({**before, "removed.key": 1}, now, defaults) == {}
     )  # a key no release sets any more
+
+
+def test_fp16_training_has_loss_scaling_and_is_refused_where_deepspeed_lacks_it():
+    """train.precision=fp16: DeepSpeed's fp16 section with dynamic loss scaling (and bf16 off); on a device
+    without fp16 support (this CPU) the student job stops with one line before building anything."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from student_train.config import TrainConfig
+
+    cfg = load_config(
+        TrainConfig, None, ["data.sft_path=x.jsonl", "objective.preset=sft", "train.precision=fp16"]
+    )
+    ds = cfg.deepspeed_config(2)
+    assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    assert ds["bf16"] == {"enabled": False}
+    if torch.cuda.is_available():
+        return
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run(
+        [sys.executable, "student_train/main.py", "student.path=s", "data.sft_path=x.jsonl", "objective.preset=sft",
+         "train.precision=fp16"],
+        cwd=repo, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "train.precision=fp16: DeepSpeed does not support fp16 on this device (cpu)" in res.stderr
