@@ -42,6 +42,7 @@ HIDDEN_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "int8")
 # numpy storage dtype of one hidden value; bfloat16 is stored as its raw 16 bits (Arrow has no bf16)
 HIDDEN_STORAGE = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16, "int8": np.int8}
 BYTES_PER_VALUE = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
+FLOAT16_MAX = 65504.0  # a hidden value beyond it would be stored as inf: refused
 
 
 def shard_name(index: int) -> str:
@@ -195,6 +196,12 @@ def encode_hidden(h: torch.Tensor, hidden_dtype: str) -> tuple[np.ndarray, np.nd
     if hidden_dtype == "float32":
         return h.float().numpy(), None
     if hidden_dtype == "float16":
+        peak = float(h.abs().max()) if h.numel() else 0.0
+        if not peak <= FLOAT16_MAX:  # also NaN
+            raise ValueError(
+                f"hidden states reach |h| = {peak:.4g}, beyond float16's range ({FLOAT16_MAX:g}; some models' "
+                "intermediate layers carry such outliers): use cache.hidden_dtype=bfloat16 for this teacher"
+            )
         return h.half().numpy(), None
     if hidden_dtype == "bfloat16":
         return h.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), None

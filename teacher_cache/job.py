@@ -64,7 +64,12 @@ class CacheSettings:
     max_length: int = field(512, help="max tokens of prompt+response+EOS per sample (METHOD.md §1)")
     max_prompt_length: int = field(256, help="the prompt keeps its first N teacher tokens")
     top_k: int = field(16, help="top-k next-token log-probs stored per position")
-    hidden_dtype: str = field("bfloat16", help=f"storage dtype of hidden states: one of {HIDDEN_DTYPES}")
+    hidden_dtype: str = field(
+        "float16",
+        help=f"storage dtype of hidden states: one of {HIDDEN_DTYPES}; float16 (default) is as small as bfloat16 "
+        "with ~50x lower KL (docs/BENCHMARKS.md) and refuses values beyond its range; bfloat16 for teachers with "
+        "outliers above 65504",
+    )
     rows_per_shard: int = field(128, help="samples per Arrow shard")
     layers: list[int] = field(
         default_factory=lambda: [-1],

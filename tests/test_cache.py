@@ -744,3 +744,20 @@ def test_planner_predicts_the_cache_bytes_exactly(
     assert got["cache"]["exact"] and got["cache"]["rows"] == manifest.stats.rows
     assert got["cache"]["positions"] == manifest.stats.positions
     assert got["cache"]["bytes"] == manifest.stats.bytes
+
+
+def test_float16_is_the_default_and_refuses_values_beyond_its_range():
+    """float16 (same bytes as bf16, far lower KL) is the default hidden dtype; a hidden value it cannot hold
+    (an intermediate layer's outlier) is a clear error, never a stored inf."""
+    from teacher_cache.format import encode_hidden
+    from teacher_cache.job import CacheSettings
+
+    assert CacheSettings().hidden_dtype == "float16"
+    ok, _ = encode_hidden(torch.tensor([[1.5, -65504.0]]), "float16")
+    assert np.isfinite(ok).all()
+    with pytest.raises(ValueError, match=r"reach \|h\| = 7e\+04, beyond float16's range.*bfloat16"):
+        encode_hidden(torch.tensor([[1.0, 70000.0]]), "float16")
+    with pytest.raises(ValueError, match="beyond float16's range"):
+        encode_hidden(torch.tensor([[float("nan"), 1.0]]), "float16")
+    bf, _ = encode_hidden(torch.tensor([[1.0, 70000.0]]), "bfloat16")  # bf16 holds it
+    assert bf.dtype == np.uint16
