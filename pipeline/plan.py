@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -205,9 +204,14 @@ def plan(teacher: Shape, student: Shape, cache: dict, args) -> dict:
     precompute = t_fwd * positions
     gpu_flops = args.gpu_tflops * 1e12 * args.utilisation
     response = args.response_fraction
+    from student_train.losses.config import ObjectiveConfig
+
+    objective = ObjectiveConfig.preset(args.method)
     s_step_token = 6 * student.compute_params
-    if args.method != "sft":
+    if objective.kd_enabled:  # the DSKD family: rebuilt teacher logits (fwd + bwd) and the projected student logits
         s_step_token += response * (4 * teacher.vocab * teacher.hidden + 4 * student.vocab * student.hidden)
+    elif objective.needs_teacher_head:  # logit-level baselines: the teacher's logits, forward only
+        s_step_token += response * 2 * teacher.vocab * teacher.hidden
     tokens_per_step = args.micro_batch * ctx
     g = args.gpus
     n = student.params
@@ -215,7 +219,7 @@ def plan(teacher: Shape, student: Shape, cache: dict, args) -> dict:
     weights = 2 * n / (g if args.zero == 3 else 1)
     grads = 2 * trainable / (g if args.zero >= 2 else 1)
     optim = 12 * trainable / (g if args.zero >= 1 else 1)
-    seq = min(args.max_length, math.ceil(ctx) + 1)
+    seq = args.max_length  # the peak comes from a micro-batch padded to the longest sequence
     acts = student.layers * (
         34 * seq * args.micro_batch * student.hidden + 5 * student.heads * seq**2 * args.micro_batch
     )
@@ -301,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--max-prompt-length", type=int, default=256)
     ap.add_argument("--rows-per-shard", type=int, default=128)
-    ap.add_argument("--method", default="dwa_kd", help="sft or a KD method (the DSKD family's step cost)")
+    ap.add_argument("--method", default="dwa_kd", help="an objective preset (its terms set the step cost)")
     ap.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3))
     ap.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
     ap.add_argument("--micro-batch", type=int, default=4)

@@ -192,7 +192,13 @@ def collate(
         t_chunks = torch.full((bsz, m), -1, dtype=torch.long)
         for i, r in enumerate(rows):
             s_new, t_new = response_chunks(
-                s_offsets[i], s_starts[i], len(s_ids[i]), r.offsets, r.response_start, len(r.input_ids) - 1
+                r.prompt + r.response,
+                s_offsets[i],
+                s_starts[i],
+                len(s_ids[i]),
+                r.offsets,
+                r.response_start,
+                len(r.input_ids) - 1,
             )
             s_chunks[i, : len(s_ids[i])] = torch.from_numpy(s_new[: len(s_ids[i])])
             t_chunks[i, : len(r.input_ids) - 1] = torch.from_numpy(t_new[: len(r.input_ids) - 1])

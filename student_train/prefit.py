@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.distributed as dist
 
 from student_train.losses.objective import projected_ce
 
@@ -21,22 +20,25 @@ from student_train.losses.objective import projected_ce
 def prefit_projectors(distiller, batches, steps: int, lr: float, rank: int = 0, log_every: int = 10) -> dict:
     """Run ``steps`` micro-batches of ``batches`` through ``proj_ce`` and AdamW(``lr``) on ``query``/``t2s``.
 
-    Every rank fits on its own micro-batches; rank 0's result is then broadcast, so that all ranks start
-    the run with the same projectors. Returns ``{"steps", "first", "last", "seconds"}`` (``proj_ce`` per
+    Every rank fits on its own micro-batches; the DeepSpeed engine built next broadcasts rank 0's parameters,
+    so all ranks start the run with rank 0's projectors. Runs on the accelerator when there is one. Returns ``{"steps", "first", "last", "seconds"}`` (``proj_ce`` per
     token of the first and last step, on rank 0).
     """
     from student_train.model import _gathered_clone
 
     proj, objective = distiller.projectors, distiller.objective
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    proj.to(device)
     params = [*proj.query.parameters(), *proj.t2s.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    table = _gathered_clone(distiller.student.get_input_embeddings().weight).float()
-    head = _gathered_clone(distiller.student.get_output_embeddings().weight).float()
-    t_emb = distiller.teacher["embeddings"]
+    table = _gathered_clone(distiller.student.get_input_embeddings().weight).float().to(device)
+    head = _gathered_clone(distiller.student.get_output_embeddings().weight).float().to(device)
+    t_emb = distiller.teacher["embeddings"].to(device)
     first = last = float("nan")
     start = time.perf_counter()
     done = 0
     for done, batch in enumerate(batches, start=1):
+        batch = batch.to(device)
         loss_sum, count = projected_ce(
             objective,
             proj,
@@ -61,7 +63,5 @@ def prefit_projectors(distiller, batches, steps: int, lr: float, rank: int = 0, 
             print(f"[prefit] step {done}/{steps}: proj_ce {last:.4f} per token", flush=True)
         if done >= steps:
             break
-    if dist.is_available() and dist.is_initialized():
-        for p in params:
-            dist.broadcast(p.data, src=0)
+    proj.to("cpu")  # back where the engine expects the module it wraps
     return {"steps": done, "first": first, "last": last, "seconds": time.perf_counter() - start}

@@ -155,6 +155,22 @@ def shared_span_ids(
     return (renum(s_ids) if len(s_ids) else s_ids), (renum(t_ids) if len(t_ids) else t_ids), len(both)
 
 
+def _covered(text: str, offsets: np.ndarray, limit: int) -> np.ndarray:
+    """``[len(text)]`` bool: the characters the first ``limit`` tokens cover, spaces counted as covered (a
+    token's leading space may or may not be in its offsets, depending on the tokenizer)."""
+    cov = np.array([c.isspace() for c in text], dtype=bool)
+    for a, b in np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:limit]:
+        cov[a:b] = True
+    return cov
+
+
+def _both_cover(spans: np.ndarray, cov_s: np.ndarray, cov_t: np.ndarray) -> np.ndarray:
+    """``[K]`` bool: spans every character of which both sides' kept tokens cover (truncation on one side
+    would otherwise pair a whole span with a part of it)."""
+    both = np.concatenate([[0], np.cumsum(~(cov_s & cov_t))])
+    return np.array([both[b] - both[a] == 0 for a, b in spans], dtype=bool)
+
+
 @dataclass(frozen=True)
 class SampleSpans:
     """Span ids of one sample's positions on both sides (``-1`` = none), shared numbering per kind."""
@@ -172,7 +188,8 @@ def sample_spans(
     """Words and phrases of ``text`` on the student's first ``s_len`` and the teacher's first ``t_len`` tokens.
 
     Words are those inside a phrase (MTA's words are the tokens of its kept spans); a span is kept when both
-    sides have a token in it (:func:`shared_span_ids`).
+    sides have a token in it (:func:`shared_span_ids`) and both sides' tokens cover all of its characters (a
+    side cut shorter by its token limits would otherwise pair a whole span with a part of it).
     """
     spans = chunk_text(text)
     phrases = spans.phrases
@@ -181,23 +198,31 @@ def sample_spans(
         k = np.searchsorted(phrases[:, 0], spans.words[:, 0], side="right") - 1
         inside = (k >= 0) & (spans.words[:, 1] <= phrases[np.maximum(k, 0), 1])
     words = spans.words[inside]
+    cov_s, cov_t = _covered(text, s_offsets, s_len), _covered(text, t_offsets, t_len)
     out = []
     for kind in (words, phrases):
         s_ids = token_span_ids(text, np.asarray(s_offsets)[:s_len], kind)
         t_ids = token_span_ids(text, np.asarray(t_offsets)[:t_len], kind)
-        s_new, t_new, _ = shared_span_ids(s_ids, t_ids, s_len, t_len)
+        s_new, t_new, _ = shared_span_ids(s_ids, t_ids, s_len, t_len, keep=_both_cover(kind, cov_s, cov_t))
         out += [s_new, t_new]
     return SampleSpans(*out, fallback=spans.fallback)
 
 
 def response_chunks(
-    s_offsets: np.ndarray, s_start: int, s_len: int, t_offsets: np.ndarray, t_start: int, t_len: int
+    text: str,
+    s_offsets: np.ndarray,
+    s_start: int,
+    s_len: int,
+    t_offsets: np.ndarray,
+    t_start: int,
+    t_len: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """SRA's spans: the response chunks both tokenizations cut at (:func:`student_train.align.offset_chunks`
     over the response tokens that have positions), as shared ids over the first ``s_len`` / ``t_len`` tokens.
 
     Tokens ``[s_start, s_len)`` / ``[t_start, t_len)`` are the response positions; a chunk is kept when both
-    sides have a token in it (empty-span tokens, e.g. an EOS, have none).
+    sides have a token in it (empty-span tokens, e.g. an EOS, have none) and the two sides' tokens in it
+    cover the same characters (not so for the last chunk of a side cut short by its token limit).
     """
     from student_train.align import offset_chunks
 
@@ -210,5 +235,20 @@ def response_chunks(
         s_chunk, t_chunk = offset_chunks(s_resp, t_resp)
         s_ids[s_start:s_len] = np.where(s_resp[:, 1] > s_resp[:, 0], s_chunk, -1)
         t_ids[t_start:t_len] = np.where(t_resp[:, 1] > t_resp[:, 0], t_chunk, -1)
-    s_new, t_new, _ = shared_span_ids(s_ids, t_ids, s_len, t_len)
+    keep = None
+    top = int(max(s_ids.max(initial=-1), t_ids.max(initial=-1))) + 1
+    if top > 0:  # a chunk's extent on each side: [first start, last end) of its tokens
+        ext = {}
+        for side, ids, off in (("s", s_ids, s_off), ("t", t_ids, t_off)):
+            for k in range(top):
+                mine = off[ids == k]
+                ext[side, k] = (int(mine[:, 0].min()), int(mine[:, 1].max())) if len(mine) else None
+        cov_s, cov_t = _covered(text, s_off, s_len), _covered(text, t_off, t_len)
+        keep = np.zeros(top, dtype=bool)
+        for k in range(top):
+            a, b = ext["s", k], ext["t", k]
+            if a is not None and b is not None:
+                span = np.array([[min(a[0], b[0]), max(a[1], b[1])]])
+                keep[k] = bool(_both_cover(span, cov_s, cov_t)[0])
+    s_new, t_new, _ = shared_span_ids(s_ids, t_ids, s_len, t_len, keep=keep)
     return s_new, t_new

@@ -47,7 +47,8 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int]:
     deepspeed.init_distributed(
         dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
     )
-    release_shm_buffer(dist.get_rank())
+    if backend == "gloo":  # DeepSpeed's shm all-reduce exists on CPU only
+        release_shm_buffer(dist.get_rank())
     return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
 
 

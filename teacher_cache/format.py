@@ -182,7 +182,7 @@ def attention_salience(attn: torch.Tensor, attention_mask: torch.Tensor) -> torc
     to sum 1 (SRA's span salience, sonho4ng/SRAv4 ``utils.py``: the last real token, not the padded batch's
     last row). ``attn``: ``[B, H, P, P]`` attention probabilities of one block."""
     last = attention_mask.long().sum(1).clamp_min(1) - 1
-    rows = attn.float().sum(1)[torch.arange(attn.shape[0], device=attn.device), last]  # [B, P]
+    rows = attn[torch.arange(attn.shape[0], device=attn.device), :, last].float().sum(1)  # [B, P]
     rows = rows * attention_mask.to(rows.dtype)
     return rows / rows.sum(-1, keepdim=True).clamp_min(1e-30)
 
@@ -197,7 +197,9 @@ def encode_hidden(h: torch.Tensor, hidden_dtype: str) -> tuple[np.ndarray, np.nd
         return h.float().numpy(), None
     if hidden_dtype == "float16":
         peak = float(h.abs().max()) if h.numel() else 0.0
-        if not peak <= FLOAT16_MAX:  # also NaN
+        if peak != peak:
+            raise ValueError("hidden states contain NaN: the teacher forward is broken (check its dtype)")
+        if peak > FLOAT16_MAX:
             raise ValueError(
                 f"hidden states reach |h| = {peak:.4g}, beyond float16's range ({FLOAT16_MAX:g}; some models' "
                 "intermediate layers carry such outliers): use cache.hidden_dtype=bfloat16 for this teacher"

@@ -103,3 +103,47 @@ def test_shared_span_ids_keep_spans_both_sides_reach():
     s_new, t_new, k = shared_span_ids(s_ids, t_ids, 6, 6, keep=np.array([True, False, True, True]))
     assert k == 3
     np.testing.assert_array_equal(s_new, [0, 0, -1, -1, 1, 2])
+
+
+def test_a_side_cut_short_never_pairs_a_whole_span_with_part_of_it():
+    from student_train.spans import sample_spans
+
+    text = "The old house was built"
+    full = np.array([[0, 3], [3, 7], [7, 13], [13, 17], [17, 23]])
+    # the teacher splits "house" in two and its token limit keeps only "ho": "The old house" is cut on its side
+    teacher = np.array([[0, 3], [3, 7], [7, 10], [10, 13], [13, 17], [17, 23]])
+    got = sample_spans(text, full, 5, teacher, 3)
+    # phrase 0 ("The old house") is covered by the student only; no other phrase reaches the teacher's tokens
+    assert (got.phrase_student == -1).all() and (got.phrase_teacher == -1).all()
+    np.testing.assert_array_equal(got.word_student, [0, 1, -1, -1, -1])  # "The", "old": both sides whole
+    both = sample_spans(text, full, 5, teacher, 6)
+    np.testing.assert_array_equal(both.phrase_student, [0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(both.phrase_teacher, [0, 0, 0, 0, 1, 1])
+
+
+@pytest.mark.needs_shared_data
+def test_response_chunks_pair_the_same_characters_on_real_tokenizers(gpt2_tokenizer, mistral_tokenizer):
+    from student_train.spans import response_chunks
+
+    prompt, response = "Question: why?\nAnswer:", " Air molecules scatter short wavelengths, 北京 too."
+    text = prompt + response
+
+    def enc(tok):
+        e = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+        off = np.asarray(e["offset_mapping"])
+        start = int(np.searchsorted(off[:, 0], len(prompt)))
+        return off, start
+
+    (s_off, s_start), (t_off, t_start) = enc(gpt2_tokenizer), enc(mistral_tokenizer)
+    s_ids, t_ids = response_chunks(text, s_off, s_start, len(s_off), t_off, t_start, len(t_off))
+    k = int(s_ids.max()) + 1
+    assert k >= 5 and int(t_ids.max()) + 1 == k
+    for c in range(k):  # a chunk covers the same characters on both sides (leading spaces aside)
+        a = text[s_off[s_ids == c][:, 0].min() : s_off[s_ids == c][:, 1].max()].strip()
+        b = text[t_off[t_ids == c][:, 0].min() : t_off[t_ids == c][:, 1].max()].strip()
+        assert a == b and a
+    assert (s_ids[:s_start] == -1).all() and (t_ids[:t_start] == -1).all()  # the response only
+    # the teacher cut after 5 response tokens: no chunk beyond what it covers, none half-covered
+    s_cut, t_cut = response_chunks(text, s_off, s_start, len(s_off), t_off, t_start, t_start + 5)
+    end = t_off[t_start + 4, 1]
+    assert all(s_off[s_cut == c][:, 1].max() <= end for c in range(int(s_cut.max()) + 1))

@@ -234,6 +234,9 @@ class ObjectiveConfig:
                 f"span_teacher_layers {list(self.span_teacher_layers)} and span_student_layers "
                 f"{list(self.span_student_layers)} must pair up (same length)"
             )
+        bad = [n for n in (*self.span_teacher_layers, *self.span_student_layers) if n < -1]
+        if bad:
+            raise ValueError(f"MTA layers must be HF hidden_states indices >= 0 or -1 (final), got {bad}")
         if self.lambda_span > 0 and not self.span_teacher_layers:
             raise ValueError(
                 "lambda_span > 0 needs the layer pairs: set objective.span_teacher_layers and "

@@ -135,7 +135,7 @@ class ObjectiveInputs:
                 "phrase_spans",
             ]
             if cfg.span_weighting == "certainty":
-                needed += ["teacher_entropy"]
+                needed += ["teacher_entropy", "teacher_head"]
         missing = [k for k in needed if getattr(self, k) is None]
         if missing:
             raise ValueError(

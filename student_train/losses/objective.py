@@ -200,7 +200,7 @@ def _span_term(cfg: ObjectiveConfig, x: ObjectiveInputs, proj: Projectors) -> to
         raise ValueError(f"the MTA term needs Projectors(..., span_pairs={len(cfg.span_teacher_layers)})")
     certainty = None
     if cfg.span_weighting == "certainty":
-        vocab = (x.teacher_head if x.teacher_head is not None else x.teacher_embeddings).shape[0]
+        vocab = x.teacher_head.shape[0]
         certainty = 1.0 - x.teacher_entropy / math.log(vocab)
     t_valid = (
         x.teacher_attention_mask.bool()

@@ -74,7 +74,9 @@ def sra_terms(
     num = int(max(student_spans.max(), teacher_spans.max())) + 1 if student_spans.numel() else 0
     zero = h0.new_zeros((), dtype=dtype)
     out = SRATerms(sra_span=zero, sra_delta=zero, sra_geometry=zero, sra_logit=zero)
-    if num < 1:
+    if num < 1:  # no span in this micro-batch: exact zeros that still reach every parameter (data parallel)
+        touch = sum(h.sum() for h in student_layers) + sum(p.sum() for p in projectors.parameters())
+        out["sra_span"] = zero + 0.0 * touch.to(dtype)
         return out
     k = torch.arange(num, device=h0.device)
     m_s = student_spans[:, None, :].eq(k[None, :, None]).to(dtype)  # [B, K, n]

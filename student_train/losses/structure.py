@@ -109,24 +109,25 @@ def span_structure_loss(
         teacher_certainty: ``[B, m]`` ``1 - H/log V`` per teacher position: span weight = its mean over
             the span's teacher tokens (else the summed teacher token weights).
     """
-    total = student_layers[0].new_zeros(())
+    h0 = student_layers[0]
+    dtype = torch.float64 if h0.dtype == torch.float64 else torch.float32  # fp16's eps would give 0/0
+    total = h0.new_zeros((), dtype=dtype)
     for k, (h_s, h_t) in enumerate(zip(student_layers, teacher_layers)):
         s_ids, t_ids = word_spans if k < word_pairs else phrase_spans
         num = int(max(s_ids.max(), t_ids.max())) + 1 if s_ids.numel() else 0
-        if num < 2:  # no pair of spans anywhere in the batch
+        proj = projectors[k]
+        if num < 2:  # no pair of spans in this micro-batch: an exact zero that still reaches every parameter,
+            # so that all data-parallel ranks reduce the same gradients
+            total = total + 0.0 * (h_s.sum() + sum(p.sum() for p in proj.parameters())).to(dtype)
             continue
-        h_t = h_t.detach().to(h_s.dtype)
+        h_s, h_t = h_s.to(dtype), h_t.detach().to(dtype)
         s_reps, _ = span_pool(h_s, token_weights(h_s, student_valid), s_ids, num)
         t_reps, t_mass = span_pool(h_t, token_weights(h_t, teacher_valid), t_ids, num)
         if teacher_certainty is not None:
-            member = t_ids[:, None, :].eq(torch.arange(num, device=t_ids.device)[None, :, None])
-            member = member.to(h_s.dtype)
-            cert = teacher_certainty.to(h_s.dtype)[:, None, :]
+            member = t_ids[:, None, :].eq(torch.arange(num, device=t_ids.device)[None, :, None]).to(dtype)
+            cert = teacher_certainty.to(dtype)[:, None, :]
             t_mass = (member * cert).sum(-1) / member.sum(-1).clamp_min(1e-5)
-        present = (
-            t_ids[:, None, :].eq(torch.arange(num, device=t_ids.device)[None, :, None]).any(-1)
-        )  # fmt: skip
-        proj = projectors[k]
-        s_proj = proj(s_reps.to(proj.weight.dtype)).to(h_s.dtype)
+        present = t_ids[:, None, :].eq(torch.arange(num, device=t_ids.device)[None, :, None]).any(-1)
+        s_proj = proj(s_reps.to(proj.weight.dtype)).to(dtype)
         total = total + pair_structure_loss(s_proj, t_reps, t_mass, present)
     return total / len(student_layers)
