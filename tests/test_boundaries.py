@@ -45,7 +45,7 @@ def test_modules_do_not_pull_ray_or_deepspeed_at_import(module):
 
 
 PIPELINE_CORE = ("config", "records", "tokenize", "models", "tiny")  # the bottom layer
-PIPELINE_DRIVERS = ("evaluate", "analysis", "plots", "demo")  # stage drivers on top of every package
+PIPELINE_DRIVERS = ("evaluate", "analysis", "plots", "demo", "plan")  # stage drivers on top of every package
 
 
 def test_pipeline_core_is_the_bottom_layer():
