@@ -208,7 +208,8 @@ def plan(teacher: Shape, student: Shape, cache: dict, args) -> dict:
 
     objective = ObjectiveConfig.preset(args.method)
     s_step_token = 6 * student.compute_params
-    if objective.kd_enabled:  # the DSKD family: rebuilt teacher logits (fwd + bwd) and the projected student logits
+    # the DSKD family: rebuilt teacher logits (fwd + bwd) and the projected student logits
+    if objective.kd_enabled:
         s_step_token += response * (4 * teacher.vocab * teacher.hidden + 4 * student.vocab * student.hidden)
     elif objective.needs_teacher_head:  # logit-level baselines: the teacher's logits, forward only
         s_step_token += response * 2 * teacher.vocab * teacher.hidden
