@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from student_train.losses.structure import span_membership
+
 __all__ = ["SRATerms", "sra_terms"]
 
 
@@ -78,9 +80,8 @@ def sra_terms(
         touch = sum(h.sum() for h in student_layers) + sum(p.sum() for p in projectors.parameters())
         out["sra_span"] = zero + 0.0 * touch.to(dtype)
         return out
-    k = torch.arange(num, device=h0.device)
-    m_s = student_spans[:, None, :].eq(k[None, :, None]).to(dtype)  # [B, K, n]
-    m_t = teacher_spans[:, None, :].eq(k[None, :, None]).to(dtype)
+    m_s = span_membership(student_spans, num, dtype)  # [B, K, n]
+    m_t = span_membership(teacher_spans, num, dtype)
     present = m_t.sum(-1).gt(0) & m_s.sum(-1).gt(0)  # [B, K]
     pres = present.to(dtype)
     n_pairs = len(student_layers)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["pair_structure_loss", "span_pool", "span_structure_loss", "token_weights"]
+__all__ = ["pair_structure_loss", "span_membership", "span_pool", "span_structure_loss", "token_weights"]
 
 
 def token_weights(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -52,14 +52,19 @@ def token_weights(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return (attn * rows[:, :, None]).sum(1) / rows.sum(1, keepdim=True).clamp_min(1.0)
 
 
+def span_membership(span_ids: torch.Tensor, num_spans: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, K, L]`` 0/1 in ``dtype``: position ``l`` of sample ``b`` belongs to span ``k`` (``span_ids``
+    ``[B, L]`` long, ``-1`` = none; ``K = num_spans``). Shared by MTA and SRA."""
+    return span_ids[:, None, :].eq(torch.arange(num_spans, device=span_ids.device)[None, :, None]).to(dtype)
+
+
 def span_pool(
-    hidden: torch.Tensor, weights: torch.Tensor, span_ids: torch.Tensor, num_spans: int
+    hidden: torch.Tensor, weights: torch.Tensor, member: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight-averaged span representations ``[B, K, D]`` and span weight sums ``[B, K]``.
 
-    ``span_ids`` ``[B, L]`` long gives each position's span (``-1`` = none); ``K = num_spans``.
+    ``member`` ``[B, K, L]`` is :func:`span_membership` of the positions' span ids.
     """
-    member = span_ids[:, None, :].eq(torch.arange(num_spans, device=span_ids.device)[None, :, None])
     a = member.to(hidden.dtype) * weights.to(hidden.dtype)[:, None, :]  # [B, K, L]
     mass = a.sum(-1)
     return (a @ hidden) / mass.clamp_min(1e-5)[..., None], mass
@@ -121,13 +126,13 @@ def span_structure_loss(
             total = total + 0.0 * (h_s.sum() + sum(p.sum() for p in proj.parameters())).to(dtype)
             continue
         h_s, h_t = h_s.to(dtype), h_t.detach().to(dtype)
-        s_reps, _ = span_pool(h_s, token_weights(h_s, student_valid), s_ids, num)
-        t_reps, t_mass = span_pool(h_t, token_weights(h_t, teacher_valid), t_ids, num)
+        m_t = span_membership(t_ids, num, dtype)
+        s_reps, _ = span_pool(h_s, token_weights(h_s, student_valid), span_membership(s_ids, num, dtype))
+        t_reps, t_mass = span_pool(h_t, token_weights(h_t, teacher_valid), m_t)
         if teacher_certainty is not None:
-            member = t_ids[:, None, :].eq(torch.arange(num, device=t_ids.device)[None, :, None]).to(dtype)
             cert = teacher_certainty.to(dtype)[:, None, :]
-            t_mass = (member * cert).sum(-1) / member.sum(-1).clamp_min(1e-5)
-        present = t_ids[:, None, :].eq(torch.arange(num, device=t_ids.device)[None, :, None]).any(-1)
+            t_mass = (m_t * cert).sum(-1) / m_t.sum(-1).clamp_min(1e-5)
+        present = m_t.sum(-1).gt(0)
         s_proj = proj(s_reps.to(proj.weight.dtype)).to(dtype)
         total = total + pair_structure_loss(s_proj, t_reps, t_mass, present)
     return total / len(student_layers)
