@@ -17,7 +17,10 @@ plus, for the DSKD family, the rebuilt teacher logits (``4 V_T d_T`` a response 
 and the projected student-space logits (``4 V_S d_S``). Student memory per GPU under ZeRO: bf16 weights and
 gradients, fp32 master weights and two Adam moments, partitioned by stage, plus the cached teacher head and
 embedding table (fp32, on every rank) and activations without recomputation (Korthikanti et al.:
-``34 s b d + 5 a s^2 b`` bytes a layer) and the fp32 logits.
+``34 s b d + 5 a s^2 b`` bytes a layer) and the fp32 logits. Under ZeRO, as DeepSpeed implements it, the fp32
+master copy exists in any precision, gradients also live in an fp32 partition, and Adam's update makes one
+temporary the size of that partition: 28 bytes a parameter for fp32 on one rank. Checked against the peak host
+memory of real student jobs here (tests/test_train.py; docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -217,12 +220,21 @@ def plan(teacher: Shape, student: Shape, cache: dict, args) -> dict:
     g = args.gpus
     n = student.params
     trainable = n if not args.lora_r else args.lora_r * 2 * student.hidden * 4 * student.layers
-    weights = 2 * n / (g if args.zero == 3 else 1)
-    grads = 2 * trainable / (g if args.zero >= 2 else 1)
-    optim = 12 * trainable / (g if args.zero >= 1 else 1)
+    p = 2 if args.precision == "bf16" else 4  # bytes of a weight, gradient and activation value
+    part = g if args.zero >= 1 else 1  # what ZeRO partitions: master weights, moments, fp32 gradients
+    weights = p * n / (g if args.zero == 3 else 1)
+    # gradients: the parameters' own (reduced bucket by bucket) plus, under ZeRO, their fp32 partition
+    grads = p * trainable / (g if args.zero >= 2 else 1) + (4 * trainable / part if args.zero >= 1 else 0)
+    # optimizer: AdamW's two fp32 moments, the fp32 master copy that ZeRO (any precision) and mixed precision
+    # keep, and the update's temporary over the flat fp32 partition (DeepSpeed steps one flat tensor)
+    master = 4 if (args.zero >= 1 or p == 2) else 0
+    optim = (8 + master + (4 if args.zero >= 1 else 0)) * trainable / part
     seq = args.max_length  # the peak comes from a micro-batch padded to the longest sequence
-    acts = student.layers * (
-        34 * seq * args.micro_batch * student.hidden + 5 * student.heads * seq**2 * args.micro_batch
+    # Korthikanti et al.'s bytes for 16-bit activations, scaled to the precision
+    acts = (
+        (p / 2)
+        * student.layers
+        * (34 * seq * args.micro_batch * student.hidden + 5 * student.heads * seq**2 * args.micro_batch)
     )
     logits = 4 * args.micro_batch * seq * student.vocab * 2  # fp32 logits and their gradient
     teacher_tables = (
@@ -308,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows-per-shard", type=int, default=128)
     ap.add_argument("--method", default="dwa_kd", help="an objective preset (its terms set the step cost)")
     ap.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3))
+    ap.add_argument(
+        "--precision", default="bf16", choices=("bf16", "fp32"), help="train.precision (fp16 costs as bf16)"
+    )
     ap.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--gpus", type=int, default=8)

@@ -12,12 +12,14 @@ head.
 from __future__ import annotations
 
 import json
+import resource
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by the deepspeed launcher
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import psutil
 import torch
 from tqdm import tqdm
 
@@ -61,6 +63,7 @@ def main(argv=None) -> int:
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
 
     # the student and what its objective needs from the cache (head, embeddings): never a teacher model
+    rss_before_model = psutil.Process().memory_info().rss  # run_info's memory: what the run adds to this
     student = load_student(cfg)
     distiller = build_distiller(cfg, objective, student, cache, mined)
     ckpt_dir = out / "checkpoints"
@@ -132,6 +135,8 @@ def main(argv=None) -> int:
         if cfg.output.save_every and cursor.step % cfg.output.save_every == 0 and cursor.step < total_steps:
             save()
     bar.close()
+    # the process's peak resident memory so far: the training's (the export below reloads the checkpoint)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     save()
 
     # export: fp32 weights (reconstructed from the ZeRO checkpoint), LoRA merged, projectors beside
@@ -143,7 +148,16 @@ def main(argv=None) -> int:
             "final_metrics": metrics.last(),
         }
         path = export_trained(cfg, engine, ckpt_dir, cursor.step, tok, out / "export", card)
-        info = {"step": cursor.step, "nan_skips": cursor.nan_skips, "tokens": cursor.tokens}
+        info = {
+            "step": cursor.step,
+            "nan_skips": cursor.nan_skips,
+            "tokens": cursor.tokens,
+            "memory_rank0": {  # host memory; pipeline.plan's per-GPU estimate is checked against the growth
+                "rss_before_model": rss_before_model,
+                "peak_rss_training": peak_rss,
+                "training_growth": peak_rss - rss_before_model,
+            },
+        }
         (out / "run_info.json").write_text(json.dumps(info, indent=2))
         print(
             f"[train] done at step {cursor.step}: student -> {path}; curves -> {metrics.plot()}", flush=True

@@ -32,6 +32,7 @@ MANIFEST = "manifest.json"
 JOB_STATE = "job_state.json"
 SHARD_DIR = "shards"  # the Arrow IPC shards only: pyarrow.dataset / datasets read the folder as is
 PROGRESS_DIR = "progress"  # the job's per-shard bookkeeping (sidecars); caches before it kept them in shards/
+STAGING_DIR = "staging"  # the job's input rows per pending shard (parquet) for Ray Data; gone when it ends
 HEAD_FILE = "teacher_head.safetensors"
 EMBED_FILE = "teacher_embeddings.safetensors"
 TOKENIZER_DIR = "teacher_tokenizer"  # the teacher tokenizer's files (MinED needs its token strings)

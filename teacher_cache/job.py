@@ -3,9 +3,11 @@
     python -m teacher_cache.job --config configs/cache/<x>.yaml [key=value ...]
     ray job submit --address http://HEAD:8265 --working-dir . -- python -m teacher_cache.job --config ...
 
-Stages: records (pipeline.records) -> teacher tokenisation with char offsets (actor pool) -> teacher
-forward (actor pool: batch size, concurrency, GPUs per actor) -> shard writer (one actor; shards are
-written under temporary names, checksummed and renamed) -> manifest (driver, last, atomic).
+Stages: records (pipeline.records, streamed twice by the driver: once for the fingerprint, once into one
+staging parquet file per pending shard; it never holds more than one shard of records) -> Ray Data
+read_parquet of the staging files -> teacher tokenisation with char offsets (actor pool) -> teacher forward
+(actor pool: batch size, concurrency, GPUs per actor) -> shard writers (a pool; shard k always goes to writer
+k mod N; shards are written under temporary names, checksummed and renamed) -> manifest (driver, last, atomic).
 
 The job is resumable and idempotent: shards are a deterministic partition of the records; a shard whose
 file and sidecar exist, agree and carry this job's fingerprint is skipped; a finished cache (manifest
@@ -34,7 +36,7 @@ from pipeline.config import (
     print_config,
     to_dict,
 )
-from pipeline.records import DataConfig, ReadStats, Record, read_records, records_fingerprint
+from pipeline.records import DataConfig, ReadStats, read_records, records_fingerprint
 from teacher_cache import storage
 from teacher_cache.format import (
     HIDDEN_DTYPES,
@@ -42,6 +44,7 @@ from teacher_cache.format import (
     MANIFEST,
     PROGRESS_DIR,
     SHARD_DIR,
+    STAGING_DIR,
     TEACHER_INFO,
     schema_version,
 )
@@ -118,6 +121,9 @@ class RayConfig:
     gpus_per_actor: float = field(0.0, help="GPUs per teacher actor (0 on CPU machines)")
     cpus_per_actor: float = field(1.0, help="CPUs per teacher actor (also its torch thread count)")
     tokenizer_concurrency: int = field(1, help="tokeniser actors")
+    writer_concurrency: int = field(
+        1, help="shard-writer actors; shard k always goes to writer k mod N (each holds only its open shards)"
+    )
     local_num_cpus: int | None = field(
         None, help="logical CPUs of the local cluster (default: enough for the actors)"
     )
@@ -131,8 +137,10 @@ class RayConfig:
     )
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.concurrency < 1 or self.tokenizer_concurrency < 1:
-            raise ValueError("ray.batch_size, ray.concurrency and ray.tokenizer_concurrency must be >= 1")
+        if min(self.batch_size, self.concurrency, self.tokenizer_concurrency, self.writer_concurrency) < 1:
+            raise ValueError(
+                "ray.batch_size, ray.concurrency, ray.tokenizer_concurrency and ray.writer_concurrency must be >= 1"
+            )
         if self.task_timeout_s <= 0:
             raise ValueError(f"ray.task_timeout_s must be > 0, got {self.task_timeout_s}")
         if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
@@ -196,6 +204,8 @@ class TeacherForward:
         threads: int,
         uri: str,
         probe_ids: list[list[int]],
+        writers: list,
+        write_timeout_s: float,
         salience: bool = False,
     ):
         import torch
@@ -216,6 +226,7 @@ class TeacherForward:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = model.to(self.device)
         self.head_chunk = head_chunk
+        self.writers, self.write_timeout_s = writers, write_timeout_s
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -255,7 +266,26 @@ class TeacherForward:
                         cols.setdefault(name, []).append(arr)
         res = dict(batch)
         res.update({k: _ragged(v) for k, v in cols.items()})
-        return res
+        return {"entry": self._send(res)}
+
+    def _send(self, batch: dict) -> np.ndarray:
+        """Hand each shard's rows to its writer (shard k -> writer k mod N); the entries of shards completed."""
+        import ray
+
+        shards = np.asarray(batch["shard"])
+        refs = []
+        for shard in np.unique(shards):
+            sel = np.nonzero(shards == shard)[0]
+            part = {k: np.asarray(v)[sel] for k, v in batch.items()}
+            refs.append(self.writers[int(shard) % len(self.writers)].add.remote(part))
+        try:  # waiting is the back-pressure that bounds the rows a writer holds
+            entries = [e for found in ray.get(refs, timeout=self.write_timeout_s) for e in found]
+        except ray.exceptions.GetTimeoutError as e:
+            raise RuntimeError(
+                f"a shard writer did not take its rows within ray.task_timeout_s={self.write_timeout_s:g} s "
+                "(a stuck or very slow cache.output filesystem?)"
+            ) from e
+        return np.array(entries, dtype=object)
 
 
 def _ragged(arrays: list) -> np.ndarray:
@@ -266,37 +296,61 @@ def _ragged(arrays: list) -> np.ndarray:
     return out
 
 
-def _plain(value):
-    """A numpy scalar as its Python value (arrays unchanged)."""
-    return value.item() if isinstance(value, np.generic) else value
+def _owned(value):
+    """A numpy scalar as its Python value, an array as a copy of its own."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return np.array(value, copy=True) if isinstance(value, np.ndarray) else value
 
 
 class ShardWriter:
-    """Stage 3: collects rows per shard and writes each shard as soon as all its rows have arrived."""
+    """Stage 3 (a Ray actor; a pool of them): collects the rows of its shards and writes each shard, rows in
+    source order, as soon as all of them have arrived.
+
+    Ray Data retries a forward batch whose actor died, so a row may arrive twice: rows are keyed by their
+    source index (a repeat replaces, never adds), rows of a shard already written are ignored, and a shard is
+    written only when it holds exactly the source indexes of its range."""
 
     def __init__(
         self,
         uri: str,
-        shard_rows: dict[int, int],
+        shard_ranges: dict[int, tuple[int, int]],
         top_k: int,
         hidden_dtype: str,
         layers: tuple[int, ...],
         job_fp: str,
         salience: bool = False,
     ):
-        self.uri, self.expected = uri, {int(k): v for k, v in shard_rows.items()}
+        self.uri, self.ranges = uri, {int(k): (int(a), int(b)) for k, (a, b) in shard_ranges.items()}
         self.salience = salience
         # the hidden width is learnt from the first row: the teacher is only described inside its actors
         self.top_k, self.hidden_dtype, self.layers, self.fp = top_k, hidden_dtype, tuple(layers), job_fp
         self.layout = None
-        self.pending: dict[int, list[dict]] = {}
+        self.pending: dict[int, dict[int, dict]] = {}
+        self.written: dict[int, str] = {}  # shard -> its entry (json)
 
-    def __call__(self, batch: dict) -> dict:
+    def open_shards(self) -> dict[int, int]:
+        """Rows held per shard not yet complete (empty after a clean run)."""
+        return {k: len(v) for k, v in self.pending.items()}
+
+    def completed(self) -> list[str]:
+        """The entries of every shard this writer wrote (the driver's record, whatever Ray Data delivered)."""
+        return list(self.written.values())
+
+    def add(self, batch: dict) -> list[str]:
         from teacher_cache.format import Layout, columns
         from teacher_cache.writer import write_shard
 
         done = []
         for i in range(len(batch["sample_id"])):
+            shard, index = int(batch["shard"][i]), int(batch["source_index"][i])
+            if shard not in self.ranges:
+                raise RuntimeError(f"shard writer got a row of shard {shard}, which is not one of its shards")
+            a, b = self.ranges[shard]
+            if not a <= index < b:
+                raise RuntimeError(f"row {index} is outside shard {shard}'s rows [{a}, {b})")
+            if shard in self.written:  # a retried batch repeats rows of a shard already written
+                continue
             if self.layout is None:  # the hidden width, learnt from the first row
                 self.layout = Layout(
                     int(batch["hidden"][i].shape[1]),
@@ -305,19 +359,22 @@ class ShardWriter:
                     self.layers,
                     self.salience,
                 )
-            row = {c.name: _plain(batch[c.name][i]) for c in columns(self.layout)}
+            # copies: views would pin the whole batch in Ray's object store until the shard is written
+            row = {c.name: _owned(batch[c.name][i]) for c in columns(self.layout)}
             row.update(
                 truncated_prompt=bool(batch["truncated_prompt"][i]),
                 truncated_total=bool(batch["truncated_total"][i]),
             )
-            shard = int(batch["shard"][i])
-            self.pending.setdefault(shard, []).append(row)
-            if len(self.pending[shard]) == self.expected[shard]:
+            rows = self.pending.setdefault(shard, {})
+            rows[index] = row
+            if len(rows) == b - a:  # keys are distinct indexes in [a, b): exactly the shard's rows
                 entry = write_shard(
-                    self.uri, shard, self.pending.pop(shard), self.layout, job_fingerprint=self.fp
+                    self.uri, shard, [rows[k] for k in range(a, b)], self.layout, job_fingerprint=self.fp
                 )
-                done.append(json.dumps(entry))
-        return {"entry": np.array(done, dtype=object)}
+                del self.pending[shard]
+                self.written[shard] = json.dumps(entry)
+                done.append(self.written[shard])
+        return done
 
 
 # --------------------------------------------------------------------------- driver
@@ -328,8 +385,83 @@ def _describe_teacher(teacher: TeacherConfig, uri: str, probe_ids: list[list[int
     return describe_loaded(load_teacher(teacher), teacher, uri, probe_ids)
 
 
+LIGHT_CPUS = 0.25  # what the tokeniser actors, the shard writers and the staging read tasks each ask of Ray
+
+
 def _shard_plan(n: int, rows_per_shard: int) -> list[tuple[int, int]]:
     return [(s, min(s + rows_per_shard, n)) for s in range(0, n, rows_per_shard)]
+
+
+def staging_name(index: int) -> str:
+    return f"{STAGING_DIR}/part-{index:05d}.parquet"
+
+
+def scan_records(data: DataConfig, stats: ReadStats) -> tuple[int, str, list[str]]:
+    """One streamed pass over the source: (records kept, their fingerprint, the first two texts)."""
+    n, probe = 0, []
+
+    def counted():
+        nonlocal n
+        for r in read_records(data, stats):
+            if n < 2:
+                probe.append(r.prompt + r.response)
+            n += 1
+            yield r
+
+    fp = records_fingerprint(counted())  # runs the pass: n and probe are filled in by then
+    return n, fp, probe
+
+
+def stage_inputs(
+    data: DataConfig, uri: str, n: int, fingerprint: str, rows_per_shard: int, pending: set[int]
+) -> list[str]:
+    """A second streamed pass: the rows of each pending shard into its staging parquet file (written
+    atomically); the driver holds one shard of records at a time. The pass must meet the records the first
+    one fingerprinted (the source may change in between). Returns the files' paths in shard order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, root, _ = storage.resolve(uri)
+    paths: list[str] = []
+    rows: list[dict] = []
+    seen = 0
+
+    def flush(shard: int) -> None:
+        if shard in pending:
+            sink = pa.BufferOutputStream()
+            pq.write_table(pa.Table.from_pylist(rows), sink)
+            path = storage.join(root, staging_name(shard))
+            storage.atomic_write(fs, path, sink.getvalue())
+            paths.append(path)
+        rows.clear()
+
+    def staged():
+        nonlocal seen
+        for i, r in enumerate(read_records(data)):
+            seen = i + 1
+            if seen > n:
+                return
+            shard = i // rows_per_shard
+            if shard in pending:
+                rows.append(
+                    {
+                        "shard": shard,
+                        "source_index": i,
+                        "sample_id": r.sample_id,
+                        "prompt": r.prompt,
+                        "response": r.response,
+                    }
+                )
+            if seen % rows_per_shard == 0 or seen == n:
+                flush(shard)
+            yield r
+
+    if records_fingerprint(staged()) != fingerprint or seen != n:
+        raise RuntimeError(
+            f"{data.path} changed while the job read it: its second pass met other records than the {n} of the "
+            "first; re-run the job once the source is complete"
+        )
+    return paths
 
 
 def job_fingerprint(cfg: CacheJobConfig, records_fp: str, tokenizer_sha: str) -> str:
@@ -368,7 +500,10 @@ def _init_ray(cfg: RayConfig):
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        need = cfg.concurrency * cfg.cpus_per_actor + 1
+        # the teacher actors, then a quarter CPU for each tokeniser, writer and read task
+        need = cfg.concurrency * cfg.cpus_per_actor + LIGHT_CPUS * (
+            cfg.tokenizer_concurrency + cfg.writer_concurrency + 1
+        )
         ncpu = cfg.local_num_cpus or max(os.cpu_count() or 1, math.ceil(need))
         ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=True)
     return ray
@@ -393,10 +528,21 @@ def check_resources(ray, cfg: RayConfig) -> None:
     Ray would otherwise queue them forever ("may hang forever" is only a warning).
     """
     deadline = time.time() + cfg.wait_for_resources_s
+    light = LIGHT_CPUS * (cfg.tokenizer_concurrency + cfg.writer_concurrency + 1)
     while True:
-        fit = actors_that_fit(ray.nodes(), cfg.gpus_per_actor, cfg.cpus_per_actor)
-        if fit >= cfg.concurrency:
+        nodes = ray.nodes()
+        fit = actors_that_fit(nodes, cfg.gpus_per_actor, cfg.cpus_per_actor)
+        cpus = sum(n.get("Resources", {}).get("CPU", 0.0) for n in nodes if n.get("Alive", True))
+        spare = cpus - cfg.concurrency * cfg.cpus_per_actor
+        if fit >= cfg.concurrency and spare >= light - 1e-9:
             return
+        if fit >= cfg.concurrency and time.time() >= deadline:
+            raise RuntimeError(
+                f"the Ray cluster has {cpus:g} CPU: the {cfg.concurrency} teacher actor(s) take "
+                f"{cfg.concurrency * cfg.cpus_per_actor:g} and the tokeniser(s), shard writer(s) and read tasks need "
+                f"{light:g} more ({LIGHT_CPUS:g} each); lower ray.cpus_per_actor, ray.tokenizer_concurrency or "
+                "ray.writer_concurrency, or add a node"
+            )
         if time.time() >= deadline:
             have = ray.cluster_resources()
             raise RuntimeError(
@@ -418,12 +564,11 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> Manifest:
     uri = cfg.cache.output
     fs, root, _ = storage.resolve(uri)
     stats = ReadStats()
-    records: list[Record] = list(read_records(cfg.data, stats))
-    if not records:
+    n_records, rec_fp, probe_texts = scan_records(cfg.data, stats)
+    if not n_records:
         raise ValueError(
             f"{cfg.data.path}: no usable records (read {stats.read}, empty {stats.skipped_empty})"
         )
-    rec_fp = records_fingerprint(records)
     if intermediate_layers(cfg.cache):  # before any actor starts: the config says how deep the teacher is
         check_layers(intermediate_layers(cfg.cache), teacher_depth(cfg.teacher))
     tok = load_tokenizer(cfg.teacher)
@@ -469,12 +614,12 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> Manifest:
             fs, spath, {"job_fingerprint": fp, "started": _dt.datetime.now(_dt.timezone.utc).isoformat()}
         )
     removed = sum(
-        storage.remove_temporaries(fs, storage.join(root, d)) for d in (SHARD_DIR, PROGRESS_DIR)
+        storage.remove_temporaries(fs, storage.join(root, d)) for d in (SHARD_DIR, PROGRESS_DIR, STAGING_DIR)
     ) + storage.remove_temporaries(fs, root)
     if removed:
         print(f"[teacher_cache] removed {removed} temporary file(s) left by an interrupted run")
 
-    plan = _shard_plan(len(records), cfg.cache.rows_per_shard)
+    plan = _shard_plan(n_records, cfg.cache.rows_per_shard)
     done: dict[int, dict] = {}
     for idx, (a, b) in enumerate(plan):
         entry = finished_shard(uri, idx, fp, b - a, verify=cfg.cache.verify_existing)
@@ -482,39 +627,43 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> Manifest:
             done[idx] = entry
     pending = [i for i in range(len(plan)) if i not in done]
     print(
-        f"[teacher_cache] {len(records)} records kept of {stats.read} read ({stats.skipped_empty} empty, "
+        f"[teacher_cache] {n_records} records kept of {stats.read} read ({stats.skipped_empty} empty, "
         f"{stats.duplicates} duplicates skipped) -> {len(plan)} shards ({len(done)} already written, "
         f"{len(pending)} to do) in {uri}"
     )
 
     ray = _init_ray(cfg.ray)
     check_resources(ray, cfg.ray)
-    probe = [
-        tok(records[i].prompt + records[i].response, add_special_tokens=False)["input_ids"][:64]
-        for i in range(min(2, len(records)))
-    ]
+    probe = [tok(t, add_special_tokens=False)["input_ids"][:64] for t in probe_texts]
     if pending:
         import ray.data
 
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = progress
-        items = []
-        for idx in pending:
-            a, b = plan[idx]
-            for i in range(a, b):
-                r = records[i]
-                items.append(
-                    {
-                        "shard": idx,
-                        "source_index": i,
-                        "sample_id": r.sample_id,
-                        "prompt": r.prompt,
-                        "response": r.response,
-                    }
-                )
-        shard_rows = {idx: plan[idx][1] - plan[idx][0] for idx in pending}
-        ds = ray.data.from_items(items)
+        if hasattr(
+            ctx, "use_datasource_v2"
+        ):  # Ray >= 2.5x: its V2 reader lists files in a task that asks for a
+            ctx.use_datasource_v2 = (
+                False  # whole CPU, which a cluster sized for the teacher actors may never free
+            )
+        staged = stage_inputs(cfg.data, uri, n_records, rec_fp, cfg.cache.rows_per_shard, set(pending))
+        nw = cfg.ray.writer_concurrency
+        writer_actor = ray.remote(num_cpus=LIGHT_CPUS, max_restarts=0)(ShardWriter)
+        writers = [
+            writer_actor.remote(
+                uri=uri,
+                shard_ranges={k: plan[k] for k in pending if k % nw == j},
+                top_k=cfg.cache.top_k,
+                hidden_dtype=cfg.cache.hidden_dtype,
+                layers=intermediate_layers(cfg.cache),
+                job_fp=fp,
+                salience=cfg.cache.salience,
+            )
+            for j in range(nw)
+        ]
+        # a quarter CPU per read task, like the other light stages: the teacher actors keep their CPUs
+        ds = ray.data.read_parquet(staged, filesystem=fs, partitioning=None, num_cpus=LIGHT_CPUS)
         ds = ds.map_batches(
             Tokenize,
             fn_constructor_kwargs={
@@ -524,7 +673,7 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> Manifest:
             },
             batch_size=64,
             compute=ray.data.ActorPoolStrategy(size=cfg.ray.tokenizer_concurrency),
-            num_cpus=0.25,
+            num_cpus=LIGHT_CPUS,
         )
         ds = ds.map_batches(
             TeacherForward,
@@ -537,6 +686,8 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> Manifest:
                 "threads": int(max(1, cfg.ray.cpus_per_actor)),
                 "uri": uri,
                 "probe_ids": probe,
+                "writers": writers,
+                "write_timeout_s": cfg.ray.task_timeout_s,
                 "salience": cfg.cache.salience,
             },
             batch_size=cfg.ray.batch_size,
@@ -544,27 +695,25 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> Manifest:
             num_gpus=cfg.ray.gpus_per_actor,
             num_cpus=cfg.ray.cpus_per_actor,
         )
-        ds = ds.map_batches(
-            ShardWriter,
-            fn_constructor_kwargs={
-                "uri": uri,
-                "shard_rows": shard_rows,
-                "top_k": cfg.cache.top_k,
-                "hidden_dtype": cfg.cache.hidden_dtype,
-                "layers": intermediate_layers(cfg.cache),
-                "job_fp": fp,
-                "salience": cfg.cache.salience,
-            },
-            batch_size=cfg.ray.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=0.25,
-        )
-        for row in ds.iter_rows():
-            entry = json.loads(row["entry"])
-            done[entry["index"]] = entry
-            print(
-                f"[teacher_cache] shard {entry['index'] + 1}/{len(plan)} written ({entry['rows']} rows, {entry['bytes'] / 1e6:.1f} MB)",
-                flush=True,
+        try:
+            for row in ds.iter_rows():
+                entry = json.loads(row["entry"])
+                done[entry["index"]] = entry
+                print(
+                    f"[teacher_cache] shard {entry['index'] + 1}/{len(plan)} written ({entry['rows']} rows, "
+                    f"{entry['bytes'] / 1e6:.1f} MB)",
+                    flush=True,
+                )
+            for w in ray.get([w.completed.remote() for w in writers], timeout=cfg.ray.task_timeout_s):
+                for e in map(json.loads, w):
+                    done[e["index"]] = e
+            left = {k: v for w in ray.get([w.open_shards.remote() for w in writers]) for k, v in w.items()}
+        finally:  # a failed run must not leave writers holding CPUs and rows in a long-lived cluster
+            for w in writers:
+                ray.kill(w)
+        if left:
+            raise RuntimeError(
+                f"shards {sorted(left)} were left incomplete by the writers (rows held: {left})"
             )
 
     else:
@@ -619,6 +768,8 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> Manifest:
         seconds=time.time() - t0,
     )
     write_manifest(uri, manifest)
+    if storage.exists(fs, storage.join(root, STAGING_DIR)):  # the staged input rows are in the shards now
+        fs.delete_dir(storage.join(root, STAGING_DIR))
     s = manifest.stats
     print(
         f"[teacher_cache] done: {s.rows} rows ({s.truncated_prompt} prompts and {s.truncated_total} "

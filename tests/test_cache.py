@@ -459,7 +459,8 @@ def _write_yaml(path: Path, data: Path, teacher: Path, out: Path, rows_per_shard
 
 
 def test_kill_and_resume_completes_without_duplicates(tmp_path, mistral_tokenizer):
-    """SIGKILL a real job (driver and its local Ray cluster) after some shards, resume, check the whole cache."""
+    """SIGKILL a real job (driver and its local Ray cluster) after some shards, resume with a pool of writers,
+    check the whole cache."""
     from pipeline.tiny import save_tiny_model, synthetic_records, write_jsonl
 
     teacher = save_tiny_model(tmp_path / "teacher", "llama", mistral_tokenizer, hidden=256, layers=6)
@@ -487,9 +488,13 @@ def test_kill_and_resume_completes_without_duplicates(tmp_path, mistral_tokenize
     assert 3 <= written < 30
     with pytest.raises(CacheError, match="has not finished"):
         open_cache(str(out))
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    # the resume runs a pool of three shard writers (shard k -> writer k mod 3): same rows, same order
+    done = subprocess.run(
+        [*cmd, "ray.writer_concurrency=3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"({written} already written, {30 - written} to do)" in done.stdout
+    assert not (out / "staging").exists(), "the staged input rows outlived the job"
     resumed = open_cache(str(out), verify=True)
     # no duplicate, no missing sample, source order kept
     from pipeline.records import DataConfig, read_records
@@ -659,6 +664,71 @@ def test_asking_for_gpus_the_cluster_lacks_fails_in_seconds(
     with pytest.raises(RuntimeError, match=r"can host 0 of the 1 teacher actor\(s\) .* 1 GPU"):
         run(_cfg(synthetic_jsonl, tiny_llama_dir, tmp_path / "c", "ray.gpus_per_actor=1"), progress=False)
     assert time.time() - t < 60
+
+
+def test_teacher_actors_that_leave_no_cpu_for_the_light_stages_fail_in_seconds(
+    llama_cache, synthetic_jsonl, tiny_llama_dir, tmp_path
+):
+    """Teacher actors that take every CPU would leave the tokeniser, the shard writers and the read tasks
+    waiting forever: refused at once, naming what they need."""
+    import ray
+
+    every = int(ray.cluster_resources()["CPU"])
+    t = time.time()
+    with pytest.raises(RuntimeError, match=r"shard writer\(s\) and read tasks need 0.75 more"):
+        run(
+            _cfg(synthetic_jsonl, tiny_llama_dir, tmp_path / "c", f"ray.cpus_per_actor={every}"),
+            progress=False,
+        )
+    assert time.time() - t < 60
+
+
+def test_shard_writer_takes_repeated_rows_of_a_retried_batch_once(llama_cache, tmp_path):
+    """Ray Data retries a forward batch whose actor died, so rows can reach a writer twice: the shard is still
+    written once, byte for byte the job's, and rows of a written shard or outside the writer's shards are
+    handled (ignored / refused)."""
+    import pyarrow.ipc as ipc
+
+    from teacher_cache.job import ShardWriter
+    from teacher_cache.storage import sha256_file
+
+    out, manifest = llama_cache
+    table = ipc.open_file(str(out / "shards" / "part-00000.arrow")).read_all()
+    n = table.num_rows
+    cols = {name: table.column(name).to_pylist() for name in table.column_names}
+
+    def batch(lo: int, hi: int) -> dict:
+        b = {k: _object_array(v[lo:hi]) for k, v in cols.items()}
+        b.update(shard=np.zeros(hi - lo, dtype=np.int64), truncated_prompt=np.zeros(hi - lo, dtype=bool))
+        b["truncated_total"] = np.zeros(hi - lo, dtype=bool)
+        return b
+
+    w = ShardWriter(
+        str(tmp_path), {0: (0, n)}, manifest.settings.top_k, "float32", (), manifest.job_fingerprint
+    )
+    assert w.add(batch(0, n - 4)) == []
+    assert w.add(batch(2, n - 4)) == [] and w.open_shards() == {0: n - 4}  # the retry: nothing counted twice
+    (entry,) = w.add(batch(n - 6, n))
+    assert json.loads(entry)["rows"] == n and w.open_shards() == {}
+    assert sha256_file(*_local(tmp_path / "shards" / "part-00000.arrow")) == manifest.shards[0].sha256
+    assert w.add(batch(0, 3)) == [] and w.completed() == [entry]  # late repeats of a written shard
+    far = batch(0, 1)
+    far["shard"][:] = 7
+    with pytest.raises(RuntimeError, match="not one of its shards"):
+        w.add(far)
+
+
+def _object_array(values: list) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        out[i] = np.asarray(v) if isinstance(v, list) else v
+    return out
+
+
+def _local(path: Path):
+    import pyarrow.fs as pafs
+
+    return pafs.LocalFileSystem(), str(path)
 
 
 def test_standard_arrow_readers_read_the_shard_folder(llama_cache):

@@ -666,3 +666,45 @@ def test_projector_prefit_lowers_proj_ce_before_training(tmp_path, cache_dir, st
         check=False,
     )
     assert bad.returncode != 0 and "has no cross-model attention projectors" in bad.stderr + bad.stdout
+
+
+@pytest.mark.slow
+def test_planner_predicts_the_student_peak_memory(tmp_path, gpt2_tokenizer, capsys):
+    """pipeline.plan's student memory against a real student job's peak: a GPT-2-shaped 51M student (the real
+    GPT-2 vocabulary), fp32, ZeRO-2, every micro-batch padded to max_length; the planner is asked through its
+    CLI with the student's config.json and the run's settings, and must be within 20% of the growth of the
+    job's resident memory from just before the student is built to the end of training (run_info.json)."""
+    import random
+
+    from pipeline.plan import main as plan_main
+    from pipeline.records import alpaca_prompt
+    from pipeline.tiny import _WORDS, save_tiny_model, write_jsonl
+
+    student = save_tiny_model(tmp_path / "student", "gpt2", gpt2_tokenizer, hidden=512, layers=8)
+    rng = random.Random(0)
+    words = lambda k: " ".join(rng.choice(_WORDS) for _ in range(k))  # noqa: E731
+    data = write_jsonl(  # every sample longer than max_length: each micro-batch is max_length wide
+        [{"prompt": alpaca_prompt(words(200), ""), "output": words(300)} for _ in range(12)],
+        tmp_path / "long.jsonl",
+    )
+    out = tmp_path / "run"
+    launch(
+        [
+            "--no-progress", f"student.path={student}", "student.pad_token=eos", f"data.sft_path={data}",
+            "objective.preset=sft", "train.precision=fp32", f"output.dir={out}", "train.micro_batch=2",
+            "train.max_steps=3", "train.zero_stage=2", "student.max_length=256", "student.max_prompt_length=128",
+        ],
+        1,
+    )  # fmt: skip
+    measured = json.loads((out / "run_info.json").read_text())["memory_rank0"]["training_growth"]
+    cfg = str(student / "config.json")
+    capsys.readouterr()
+    plan_main(
+        [
+            "--teacher", cfg, "--student", cfg, "--records", "12", "--mean-tokens", "256", "--method", "sft",
+            "--zero", "2", "--gpus", "1", "--micro-batch", "2", "--max-length", "256", "--precision", "fp32",
+            "--json",
+        ]
+    )  # fmt: skip
+    predicted = json.loads(capsys.readouterr().out)["student_memory_per_gpu"]["total"]
+    assert abs(predicted - measured) <= 0.2 * measured, (predicted, measured)
