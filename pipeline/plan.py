@@ -19,8 +19,10 @@ gradients, fp32 master weights and two Adam moments, partitioned by stage, plus 
 embedding table (fp32, on every rank) and activations without recomputation (Korthikanti et al.:
 ``34 s b d + 5 a s^2 b`` bytes a layer) and the fp32 logits. Under ZeRO, as DeepSpeed implements it, the fp32
 master copy exists in any precision, gradients also live in an fp32 partition, and Adam's update makes one
-temporary the size of that partition: 28 bytes a parameter for fp32 on one rank. Checked against the peak host
-memory of real student jobs here (tests/test_train.py; docs/BENCHMARKS.md).
+temporary the size of that partition: 28 bytes a parameter for fp32 on one rank. The DSKD family adds the
+projected teacher's student-space logits (four ``b s V_S`` fp32 copies) and the teacher-space KL's vocabulary slabs
+(four ``[chunk, V_T]``). Checked against the peak host memory of real student jobs here (tests/test_train.py;
+docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -237,6 +239,11 @@ def plan(teacher: Shape, student: Shape, cache: dict, args) -> dict:
         * (34 * seq * args.micro_batch * student.hidden + 5 * student.heads * seq**2 * args.micro_batch)
     )
     logits = 4 * args.micro_batch * seq * student.vocab * 2  # fp32 logits and their gradient
+    if objective.kd_enabled:  # the DSKD family's vocabulary work, read off student_train/losses:
+        # the projected teacher in the student's space: its logits, their log-softmax and two gradients
+        logits += 4 * args.micro_batch * seq * student.vocab * 4
+        # the teacher-space KL: at most four [chunk, V_T] fp32 slabs alive in one chunk (divergences.py)
+        logits += 4 * objective.teacher_chunk_size * teacher.vocab * 4
     teacher_tables = (
         0 if args.method == "sft" else 4 * teacher.vocab * teacher.hidden * (1 if teacher.tied else 2)
     )
