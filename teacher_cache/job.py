@@ -641,12 +641,10 @@ def run(cfg: CacheJobConfig, *, progress: bool = True) -> Manifest:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = progress
-        if hasattr(
-            ctx, "use_datasource_v2"
-        ):  # Ray >= 2.5x: its V2 reader lists files in a task that asks for a
-            ctx.use_datasource_v2 = (
-                False  # whole CPU, which a cluster sized for the teacher actors may never free
-            )
+        # Ray >= 2.5x: its V2 reader lists files in a task that asks for a whole CPU, which a cluster sized for
+        # the teacher actors may never free (the read would wait forever); the V1 reader's tasks take LIGHT_CPUS
+        if hasattr(ctx, "use_datasource_v2"):
+            ctx.use_datasource_v2 = False
         staged = stage_inputs(cfg.data, uri, n_records, rec_fp, cfg.cache.rows_per_shard, set(pending))
         nw = cfg.ray.writer_concurrency
         writer_actor = ray.remote(num_cpus=LIGHT_CPUS, max_restarts=0)(ShardWriter)
