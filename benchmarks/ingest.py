@@ -97,11 +97,10 @@ def run_job(data: Path, teacher: Path, out: Path, writers: int, rows_per_shard: 
 
 
 _OLD = """
-import sys
+import sys, psutil
 sys.path.insert(0, sys.argv[2])
 from pipeline.records import DataConfig, read_records
-def rss():
-    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+rss = lambda: psutil.Process().memory_info().rss
 base = rss()
 records = list(read_records(DataConfig(path=sys.argv[1])))
 items = [{"shard": i // 1024, "source_index": i, "sample_id": r.sample_id, "prompt": r.prompt,

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from pipeline.config import field as cfield
 
 PROMPT_NO_INPUT = (
@@ -254,9 +256,6 @@ class SeenIds:
     """
 
     def __init__(self, merge_every: int = 1 << 16):
-        import numpy as np
-
-        self._np = np
         self._sorted = np.empty(0, dtype="S16")
         self._recent: set[bytes] = set()
         self._merge_every = merge_every
@@ -268,7 +267,7 @@ class SeenIds:
         key = bytes.fromhex(sample_id)
         if key in self._recent:
             return True
-        i = int(self._np.searchsorted(self._sorted, key))
+        i = int(np.searchsorted(self._sorted, key))
         return (
             i < len(self._sorted) and self._sorted[i : i + 1].tobytes() == key
         )  # S16 items drop trailing NULs
@@ -279,7 +278,6 @@ class SeenIds:
             return False
         self._recent.add(bytes.fromhex(sample_id))
         if len(self._recent) >= self._merge_every:
-            np = self._np
             merged = np.concatenate([self._sorted, np.array(sorted(self._recent), dtype="S16")])
             merged.sort(kind="stable")
             self._sorted, self._recent = merged, set()

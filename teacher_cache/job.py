@@ -388,6 +388,11 @@ def _describe_teacher(teacher: TeacherConfig, uri: str, probe_ids: list[list[int
 LIGHT_CPUS = 0.25  # what the tokeniser actors, the shard writers and the staging read tasks each ask of Ray
 
 
+def light_cpus(cfg: RayConfig) -> float:
+    """The CPUs the light stages need beside the teacher actors: tokenisers, writers and a read task."""
+    return LIGHT_CPUS * (cfg.tokenizer_concurrency + cfg.writer_concurrency + 1)
+
+
 def _shard_plan(n: int, rows_per_shard: int) -> list[tuple[int, int]]:
     return [(s, min(s + rows_per_shard, n)) for s in range(0, n, rows_per_shard)]
 
@@ -500,10 +505,7 @@ def _init_ray(cfg: RayConfig):
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # the teacher actors, then a quarter CPU for each tokeniser, writer and read task
-        need = cfg.concurrency * cfg.cpus_per_actor + LIGHT_CPUS * (
-            cfg.tokenizer_concurrency + cfg.writer_concurrency + 1
-        )
+        need = cfg.concurrency * cfg.cpus_per_actor + light_cpus(cfg)
         ncpu = cfg.local_num_cpus or max(os.cpu_count() or 1, math.ceil(need))
         ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=True)
     return ray
@@ -528,7 +530,7 @@ def check_resources(ray, cfg: RayConfig) -> None:
     Ray would otherwise queue them forever ("may hang forever" is only a warning).
     """
     deadline = time.time() + cfg.wait_for_resources_s
-    light = LIGHT_CPUS * (cfg.tokenizer_concurrency + cfg.writer_concurrency + 1)
+    light = light_cpus(cfg)
     while True:
         nodes = ray.nodes()
         fit = actors_that_fit(nodes, cfg.gpus_per_actor, cfg.cpus_per_actor)

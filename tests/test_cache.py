@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -690,8 +691,7 @@ def test_shard_writer_takes_repeated_rows_of_a_retried_batch_once(llama_cache, t
     handled (ignored / refused)."""
     import pyarrow.ipc as ipc
 
-    from teacher_cache.job import ShardWriter
-    from teacher_cache.storage import sha256_file
+    from teacher_cache.job import ShardWriter, _ragged
 
     out, manifest = llama_cache
     table = ipc.open_file(str(out / "shards" / "part-00000.arrow")).read_all()
@@ -699,7 +699,10 @@ def test_shard_writer_takes_repeated_rows_of_a_retried_batch_once(llama_cache, t
     cols = {name: table.column(name).to_pylist() for name in table.column_names}
 
     def batch(lo: int, hi: int) -> dict:
-        b = {k: _object_array(v[lo:hi]) for k, v in cols.items()}
+        b = {
+            k: _ragged([np.asarray(x) if isinstance(x, list) else x for x in v[lo:hi]])
+            for k, v in cols.items()
+        }
         b.update(shard=np.zeros(hi - lo, dtype=np.int64), truncated_prompt=np.zeros(hi - lo, dtype=bool))
         b["truncated_total"] = np.zeros(hi - lo, dtype=bool)
         return b
@@ -711,25 +714,13 @@ def test_shard_writer_takes_repeated_rows_of_a_retried_batch_once(llama_cache, t
     assert w.add(batch(2, n - 4)) == [] and w.open_shards() == {0: n - 4}  # the retry: nothing counted twice
     (entry,) = w.add(batch(n - 6, n))
     assert json.loads(entry)["rows"] == n and w.open_shards() == {}
-    assert sha256_file(*_local(tmp_path / "shards" / "part-00000.arrow")) == manifest.shards[0].sha256
+    written = (tmp_path / "shards" / "part-00000.arrow").read_bytes()
+    assert hashlib.sha256(written).hexdigest() == manifest.shards[0].sha256
     assert w.add(batch(0, 3)) == [] and w.completed() == [entry]  # late repeats of a written shard
     far = batch(0, 1)
     far["shard"][:] = 7
     with pytest.raises(RuntimeError, match="not one of its shards"):
         w.add(far)
-
-
-def _object_array(values: list) -> np.ndarray:
-    out = np.empty(len(values), dtype=object)
-    for i, v in enumerate(values):
-        out[i] = np.asarray(v) if isinstance(v, list) else v
-    return out
-
-
-def _local(path: Path):
-    import pyarrow.fs as pafs
-
-    return pafs.LocalFileSystem(), str(path)
 
 
 def test_standard_arrow_readers_read_the_shard_folder(llama_cache):
