@@ -1,6 +1,6 @@
 """Teacher-space KL from cached hidden states: ours vs recomputing the logits in the backward.
 
-    python benchmarks/teacher_kl.py [--rows 600] [--vocab 49152] [--dim 576] [--reps 5]
+    python benchmarks/teacher_kl.py [--rows 600] [--vocab 49152] [--dim 576] [--reps 5] [--chunks 64,256,1024]
 
 Both variants compute, chunk by chunk over rows, the teacher entropy (tau=1) and
 ``KL_tau(softmax(W h_T) || softmax(W h_s2t))`` per row, then ``kl.sum().backward()``:
@@ -11,6 +11,10 @@ Both variants compute, chunk by chunk over rows, the teacher entropy (tau=1) and
 * ``ours``: ``student_train.losses.divergences.teacher_entropy_and_kl``: row i's KL depends on row i only,
   so its Jacobian ``(softmax(z_s2t/tau) - softmax(z_T/tau)) / tau @ W`` is formed in the forward, while both
   softmaxes are at hand, and kept as ``[N, d]``; the backward only scales it: three products per chunk.
+
+Then (issue #12) the variants of ours that the objective chooses between, timed side by side: ``ours`` at each
+of ``--chunks`` and at the automatic chunk (``divergences.auto_chunk_size``), and ``ours, no entropy`` (the
+objective's default since the cache's ``entropy`` column feeds eq (14): the KL alone, no entropy pass).
 
 Defaults are SmolLM2-135M's head (V=49,152, d=576) and ~600 response positions (a micro-batch of 4 Dolly
 samples). One process, interleaved repetitions after a warm-up, medians; peak RSS is sampled per variant.
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.train_step import PeakRSS  # noqa: E402
-from student_train.losses.divergences import teacher_entropy_and_kl  # noqa: E402
+from student_train.losses.divergences import auto_chunk_size, teacher_entropy_and_kl  # noqa: E402
 
 
 class _RecomputeKL(torch.autograd.Function):
@@ -70,6 +74,11 @@ def ours(h, head, s2t, temperature, chunk):
     return teacher_entropy_and_kl(h, head, s2t, temperature=temperature, chunk_size=chunk)
 
 
+def ours_no_entropy(h, head, s2t, temperature, chunk):
+    _, kl = teacher_entropy_and_kl(h, head, s2t, temperature=temperature, chunk_size=chunk, entropy=False)
+    return None, kl
+
+
 def peak_during(fn) -> tuple[float, float]:
     """Seconds of ``fn()`` and its peak RSS above the RSS it started from, in MB."""
     before = psutil.Process().memory_info().rss / 2**20
@@ -89,6 +98,9 @@ def main() -> int:
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--chunks", default="", help="comma-separated chunk sizes timed for ours (beside --chunk)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -96,21 +108,29 @@ def main() -> int:
     head = torch.randn(args.vocab, args.dim, generator=g) * 0.05
     s2t0 = torch.randn(args.rows, args.dim, generator=g) * 0.05
 
-    def call(fn):
+    def call(fn, chunk=args.chunk):
         s2t = s2t0.clone().requires_grad_()
-        ent, kl = fn(h, head, s2t, args.temperature, args.chunk)
+        ent, kl = fn(h, head, s2t, args.temperature, chunk)
         kl.sum().backward()
         return kl.detach(), ent, s2t.grad
 
     ref, mine = call(recompute), call(ours)  # warm-up, and the two must agree
     for a, b, name in zip(ref, mine, ("kl", "entropy", "grad")):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
-    variants = {"recompute": recompute, "ours": ours}
+    auto = auto_chunk_size(args.vocab)
+    kl_only, _, g_only = call(ours_no_entropy, auto)
+    torch.testing.assert_close(kl_only, mine[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g_only, mine[2], rtol=1e-4, atol=1e-6)
+    variants = {"recompute": (recompute, args.chunk), "ours": (ours, args.chunk)}
+    for c in sorted({int(c) for c in args.chunks.split(",") if c} | {auto}):
+        variants[f"ours, chunk {c}{' (auto)' if c == auto else ''}"] = (ours, c)
+    variants[f"ours, no entropy, chunk {auto} (auto)"] = (ours_no_entropy, auto)
     times = {k: [] for k in variants}
     peaks = dict.fromkeys(variants, 0.0)
     for r in range(args.reps):
         for name in list(variants)[:: 1 if r % 2 == 0 else -1]:
-            secs, peak = peak_during(lambda fn=variants[name]: call(fn))
+            fn, chunk = variants[name]
+            secs, peak = peak_during(lambda fn=fn, chunk=chunk: call(fn, chunk))
             times[name].append(secs)
             peaks[name] = max(peaks[name], peak)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -122,6 +142,8 @@ def main() -> int:
     for k in variants:
         print(f"| {k} | {med[k] * 1e3:.0f} | {peaks[k]:.0f} |")
     print(f"\nrecompute / ours = {med['recompute'] / med['ours']:.2f}")
+    new = f"ours, no entropy, chunk {auto} (auto)"
+    print(f"ours (chunk {args.chunk}, entropy pass) / {new} = {med['ours'] / med[new]:.2f}")
     return 0
 
 

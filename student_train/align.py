@@ -313,9 +313,12 @@ class BatchAlignment:
 def batch_alignment(objective, cache, student_tokenizer, teacher_tokenizer: str | None = None):
     """The per-sample alignments ``objective`` asks the collate step for, or None; and MinED's vocabulary
     (which needs the cache's teacher tokenizer, checked against its fingerprint), or None."""
-    topk = objective.logit_kd == "uld_topk"
+    topk = objective.logit_kd == "uld_topk" or objective.needs_teacher_topk_ids
     spans, sra = objective.span_enabled, objective.sra_enabled
-    if not (objective.needs_offsets_pairing or objective.needs_mined_alignment or topk or spans or sra):
+    entropy = objective.needs_teacher_entropy
+    if not (
+        objective.needs_offsets_pairing or objective.needs_mined_alignment or topk or spans or sra or entropy
+    ):
         return None, None
     mined = None
     if objective.needs_mined_alignment:
@@ -326,7 +329,7 @@ def batch_alignment(objective, cache, student_tokenizer, teacher_tokenizer: str 
         topk=topk,
         layers=teacher_layers_needed(objective),
         spans=spans,
-        entropy=spans and objective.span_weighting == "certainty",
+        entropy=entropy,
         salience=tuple(dict.fromkeys(objective.sra_teacher_layers)) if sra else (),
         chunks=sra,
     )

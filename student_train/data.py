@@ -36,7 +36,7 @@ class DistillBatch:
     Teacher (``m`` = longest teacher sequence minus one; absent for SFT without a cache):
         t_input_ids ``[B, m]`` long; t_labels ``[B, m]`` long (-100 outside the response); t_mask
         ``[B, m]`` (1 on real positions); t_hidden ``[B, m, d_T]`` float32 cached final hidden states
-        (zeros on pad rows); t_topk_logprobs ``[B, m, k]`` cached top-k log-probs (only when asked for).
+        (zeros on pad rows); t_topk_logprobs ``[B, m, k]`` cached top-k log-probs and t_topk_ids ``[B, m, k]`` their ids (only when asked for).
     Alignments (only when the objective needs them, :class:`student_train.align.BatchAlignment`):
         aligned_positions ``[B, n]`` long, the character-offset pairing; mined_positions ``[B, n]`` long,
         MinED's edit-distance alignment; both teacher positions, ``-1`` where there is none.
@@ -58,6 +58,7 @@ class DistillBatch:
     t_mask: torch.Tensor | None = None
     t_hidden: torch.Tensor | None = None
     t_topk_logprobs: torch.Tensor | None = None
+    t_topk_ids: torch.Tensor | None = None
     aligned_positions: torch.Tensor | None = None
     mined_positions: torch.Tensor | None = None
     t_layers: dict[int, torch.Tensor] | None = None
@@ -181,6 +182,7 @@ def collate(
         return batch
     if alignment.topk:
         batch.t_topk_logprobs = pad_positions(rows, "topk_logprobs", m)
+        batch.t_topk_ids = _pad([np.asarray(r.topk_ids, np.int64) for r in rows], m).long()  # ids < 2**24
     if alignment.layers:
         batch.t_layers = {n: _pad([r.layers[n] for r in rows], m) for n in alignment.layers}
     if alignment.entropy:
@@ -258,11 +260,15 @@ def pad_positions(rows: list[CachedRow], column: str, width: int) -> torch.Tenso
     return _pad([getattr(r, column) for r in rows], width)
 
 
+def _writable(cell) -> np.ndarray:
+    """``cell`` as float32; a read-only view of a memory-mapped shard (float32 columns) is copied, since torch
+    warns on (and could write through) a non-writable array."""
+    arr = np.asarray(cell, np.float32)
+    return arr if arr.flags.writeable else arr.copy()
+
+
 def _pad(cells: list, width: int) -> torch.Tensor:
-    cells = [
-        c.float() if isinstance(c, torch.Tensor) else torch.from_numpy(np.asarray(c, np.float32))
-        for c in cells
-    ]
+    cells = [c.float() if isinstance(c, torch.Tensor) else torch.from_numpy(_writable(c)) for c in cells]
     out = torch.zeros((len(cells), width, *cells[0].shape[1:]), dtype=torch.float32)
     for i, cell in enumerate(cells):
         out[i, : len(cell)] = cell

@@ -201,10 +201,13 @@ class Distiller(nn.Module):
             teacher_embeddings=self.teacher["embeddings"],
             teacher_attention_mask=batch.t_mask,
             teacher_topk_logprobs=batch.t_topk_logprobs,
+            teacher_topk_ids=batch.t_topk_ids,
             aligned_positions=batch.aligned_positions,
             mined_positions=batch.mined_positions,
             mined_map=mined_map,
         )
+        if cfg.needs_teacher_entropy:  # eq (14)'s weights or MTA's certainty, from the cache's column
+            inputs.teacher_entropy = batch.t_entropy
         if cfg.cma_projectors:  # the DSKD family also needs student states and embeddings
             emb = self.student.get_input_embeddings()
             inputs.student_hidden = out.hidden_states[-1]
@@ -219,7 +222,6 @@ class Distiller(nn.Module):
             ]
             inputs.student_attention_mask = batch.attention_mask
             inputs.word_spans, inputs.phrase_spans = batch.word_spans, batch.phrase_spans
-            inputs.teacher_entropy = batch.t_entropy
         if cfg.sra_enabled:  # SRA: layer pairs, salience (the student's from its own attention), chunks
             from teacher_cache.format import attention_salience
 

@@ -507,7 +507,14 @@ def _init_ray(cfg: RayConfig):
     else:
         need = cfg.concurrency * cfg.cpus_per_actor + light_cpus(cfg)
         ncpu = cfg.local_num_cpus or max(os.cpu_count() or 1, math.ceil(need))
-        ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=True)
+        # a local cluster shares its machine with the teacher's threads: tolerate a raylet that answers late
+        # (the default gives up after ~5 missed checks and kills a cache build on a loaded host)
+        ray.init(
+            num_cpus=ncpu,
+            include_dashboard=False,
+            log_to_driver=True,
+            _system_config={"health_check_failure_threshold": 60, "health_check_timeout_ms": 30000},
+        )
     return ray
 
 

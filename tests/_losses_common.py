@@ -87,6 +87,10 @@ def make_tensors(
         teacher_head=randn(v_t, d_t, scale=0.7),
         teacher_embeddings=randn(v_t, d_t),
     )
+    # the cache's entropy column: the teacher distribution's entropy, from its final states x head
+    z_t = t["teacher_hidden"].double() @ t["teacher_head"].double().T
+    t["teacher_entropy"] = -(z_t.softmax(-1) * z_t.log_softmax(-1)).sum(-1).to(dtype)
+    t["teacher_topk_ids"] = z_t.topk(min(4, v_t), dim=-1).indices  # the cache's top-k ids
     for k in ("student_logits", "student_hidden", "student_input_embeds", "student_target_embeds"):
         t[k].requires_grad_(True)
     return t

@@ -367,3 +367,51 @@ def test_alignment_refuses_offsets_outside_the_text_naming_the_sample(gpt2_token
             with_teacher=True,
             alignment=BatchAlignment(offsets=True),
         )
+
+
+def test_collate_carries_the_cached_entropy_and_top_k_ids_the_objective_asks_for(gpt2_tokenizer):
+    """eq (14) from the cache's entropy column (DWA-KD's default) and the sampled teacher KL's top-k ids."""
+    from types import SimpleNamespace
+
+    from student_train.align import batch_alignment
+    from student_train.data import collate
+
+    def row(sid, n):
+        return SimpleNamespace(
+            sample_id=sid,
+            prompt="Say hi. ",
+            response="Hi there.",
+            input_ids=np.arange(5, 5 + n + 1),
+            offsets=np.zeros((n + 1, 2), dtype=np.int64),
+            response_start=2,
+            hidden=torch.zeros(n, 3),
+            topk_logprobs=np.zeros((n, 2), dtype=np.float32),
+            topk_ids=(np.arange(2 * n, dtype=np.int32).reshape(n, 2) + 150_000),  # Qwen-sized ids
+            entropy=np.linspace(0.5, 2.0, n).astype(np.float32),
+        )
+
+    dwa = ObjectiveConfig.preset("dwa_kd")
+    assert dwa.needs_teacher_entropy and not dwa.needs_teacher_topk_ids
+    alignment, _ = batch_alignment(dwa, None, gpt2_tokenizer)
+    assert alignment.entropy and not alignment.topk
+    sampled = ObjectiveConfig.preset("dwa_kd", teacher_kl="sampled")
+    alignment, _ = batch_alignment(sampled, None, gpt2_tokenizer)
+    assert alignment.entropy and alignment.topk
+    head_entropy = ObjectiveConfig.preset("dwa_kd", teacher_entropy="head")
+    assert batch_alignment(head_entropy, None, gpt2_tokenizer) == (None, None)
+    rows = [row("a", 4), row("b", 6)]
+    batch = collate(
+        rows,
+        gpt2_tokenizer,
+        pad_id=0,
+        eos_id=gpt2_tokenizer.eos_token_id or 0,
+        max_prompt_length=16,
+        max_length=32,
+        with_teacher=True,
+        alignment=alignment,
+    )
+    assert batch.t_topk_ids.dtype == torch.long and batch.t_topk_ids.shape == (2, 6, 2)
+    assert torch.equal(batch.t_topk_ids[0, :4], torch.from_numpy(rows[0].topk_ids).long())
+    assert (batch.t_topk_ids[0, 4:] == 0).all()
+    torch.testing.assert_close(batch.t_entropy[1], torch.from_numpy(rows[1].entropy))
+    assert (batch.t_entropy[0, 4:] == 0).all()

@@ -34,9 +34,14 @@ def test_teacher_kl_benchmark_variants_agree():
         "4",
         "--reps",
         "1",
+        "--chunks",
+        "2,8",
     )
     assert re.search(r"recompute / ours = \d+\.\d\d", out)
     assert "| ours |" in out and "| recompute |" in out
+    # the chunk sweep and the objective's default (the cached entropy: the KL alone) are timed beside them
+    assert "| ours, chunk 2 |" in out and "| ours, no entropy, chunk 1024 (auto) |" in out
+    assert re.search(r"/ ours, no entropy, chunk 1024 \(auto\) = \d+\.\d\d", out)
 
 
 def test_soft_dtw_benchmark_quick():

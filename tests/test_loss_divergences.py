@@ -13,13 +13,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from student_train.losses.divergences import (
+    SLAB_BUDGET_BYTES,
+    auto_chunk_size,
     entropy_from_logits,
     forward_kl_from_logits,
+    sampled_teacher_kl,
     skewed_reverse_kl_from_logits,
     teacher_entropy_and_kl,
 )
 from student_train.losses.objective import (
     PRESETS,
+    ObjectiveInputs,
+    compute_objective,
 )
 
 # ---------------------------------------------------------------------------------- divergences
@@ -118,10 +123,11 @@ def test_masked_positions_contribute_exactly_zero(which):
     assert (g1[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("tau", [1.0, 2.0])
 @pytest.mark.parametrize("chunk", [1, 3, None])
-def test_chunked_teacher_terms_equal_unchunked(chunk):
+def test_chunked_teacher_terms_equal_unchunked(chunk, tau):
     g = torch.Generator().manual_seed(4)
-    n, d, v, tau = 7, 5, 31, 2.0
+    n, d, v = 7, 5, 31
     h_t = torch.randn(n, d, generator=g, dtype=torch.bfloat16)  # any float dtype is accepted
     head = torch.randn(v, d, generator=g)
     s2t = torch.randn(n, d, generator=g, requires_grad=True)
@@ -138,6 +144,30 @@ def test_chunked_teacher_terms_equal_unchunked(chunk):
     ent_only, none = teacher_entropy_and_kl(h_t, head, None, chunk_size=chunk or n)
     assert none is None
     torch.testing.assert_close(ent_only, ref_ent)
+    # without the entropy (the caller has the cached column): the same KL and gradient, no entropy
+    none, kl2 = teacher_entropy_and_kl(h_t, head, s2t, temperature=tau, chunk_size=chunk or n, entropy=False)
+    assert none is None
+    torch.testing.assert_close(kl2, ref_kl)
+    (g3,) = torch.autograd.grad((w * kl2).sum(), s2t)
+    torch.testing.assert_close(g3, g2)
+    with pytest.raises(ValueError, match="nothing to compute"):
+        teacher_entropy_and_kl(h_t, head, None, entropy=False)
+
+
+def test_auto_chunk_size_keeps_the_slabs_in_budget():
+    # SmolLM2 49k, Qwen2.5 152k, Mistral 32k, GPT-2 50k; tiny and huge heads hit the bounds
+    assert [auto_chunk_size(v) for v in (49152, 151936, 32000, 50257, 10, 10**8)] == [
+        256,
+        64,
+        512,
+        256,
+        1024,
+        16,
+    ]
+    for v in (1000, 32000, 49152, 151936, 256000):
+        c = auto_chunk_size(v)
+        assert 4 * c * v * 4 <= SLAB_BUDGET_BYTES or c == 16
+        assert c == 1024 or 4 * (2 * c) * v * 4 > SLAB_BUDGET_BYTES  # the largest power of two that fits
 
 
 def test_objective_invariant_to_teacher_chunk_size():
@@ -145,10 +175,89 @@ def test_objective_invariant_to_teacher_chunk_size():
     proj = make_projectors()
     totals = [
         run(dataclasses.replace(PRESETS["dwa_kd"], teacher_chunk_size=c), t, proj).total
-        for c in (1, 3, 10_000)
+        for c in (1, 3, 10_000, 0)
     ]
-    torch.testing.assert_close(totals[0], totals[1])
-    torch.testing.assert_close(totals[0], totals[2])
+    for other in totals[1:]:
+        torch.testing.assert_close(totals[0], other)
+
+
+@pytest.mark.parametrize("preset", ["dwa_kd", "dskd_w_ew"])
+def test_cached_teacher_entropy_equals_the_rebuilt_one(preset):
+    """eq (14)'s weights from the cache's entropy column: the same objective and gradients as rebuilding the
+    entropy from hidden x head (an fp32 cache), and the column is really what is read."""
+    t = make_tensors(seed=3)
+    proj = make_projectors()
+    cached = dataclasses.replace(PRESETS[preset], teacher_entropy="cache")
+    rebuilt = dataclasses.replace(PRESETS[preset], teacher_entropy="head")
+    a, b = run(cached, t, proj), run(rebuilt, t, proj)
+    torch.testing.assert_close(a.total, b.total, rtol=1e-6, atol=1e-6)
+    ga = torch.autograd.grad(a.total, t["student_hidden"])[0]
+    gb = torch.autograd.grad(b.total, t["student_hidden"])[0]
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
+    moved = dict(t, teacher_entropy=t["teacher_entropy"].flip(-1))
+    assert not torch.allclose(run(cached, moved, proj).terms["kd_teacher"], a.terms["kd_teacher"])
+    torch.testing.assert_close(run(rebuilt, moved, proj).total, b.total)  # 'head' never reads the column
+    with pytest.raises(ValueError, match="teacher_entropy"):
+        compute_objective(cached, ObjectiveInputs(**dict(t, teacher_entropy=None)), proj)
+    with pytest.raises(ValueError, match="teacher_entropy must have shape"):
+        compute_objective(
+            cached, ObjectiveInputs(**dict(t, teacher_entropy=t["teacher_entropy"][:, 1:])), proj
+        )
+    bad = t["teacher_entropy"].clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="teacher_entropy"):
+        compute_objective(cached, ObjectiveInputs(**dict(t, teacher_entropy=bad)), proj)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_sampled_teacher_kl_is_exact_when_the_sample_is_the_vocabulary(tau):
+    g = torch.Generator().manual_seed(8)
+    n, d, v, k = 9, 6, 37, 5
+    h_t = torch.randn(n, d, generator=g, dtype=torch.float64) * 2
+    head = torch.randn(v, d, generator=g, dtype=torch.float64)
+    bias = torch.randn(v, generator=g, dtype=torch.float64)
+    s2t = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    topk = (h_t @ head.T + bias).topk(k, -1).indices
+    _, exact = teacher_entropy_and_kl(h_t, head, s2t, temperature=tau, teacher_bias=bias)
+    (ge,) = torch.autograd.grad(exact.sum(), s2t)
+    exact = exact.detach()
+    for samples in (v, 10 * v):  # every id drawn: the estimate is the exact KL, value and gradient
+        approx = sampled_teacher_kl(h_t, head, s2t, topk, temperature=tau, samples=samples, teacher_bias=bias)
+        torch.testing.assert_close(approx, exact)
+        (ga,) = torch.autograd.grad(approx.sum(), s2t)
+        torch.testing.assert_close(ga, ge)
+    assert torch.autograd.gradcheck(
+        lambda x: sampled_teacher_kl(h_t, head, x, topk, temperature=tau, samples=11, seed=3), (s2t,)
+    )
+    # fewer draws: an estimate, a function of the seed only
+    a = sampled_teacher_kl(h_t, head, s2t, topk, temperature=tau, samples=11, seed=1).detach()
+    assert torch.equal(a, sampled_teacher_kl(h_t, head, s2t, topk, temperature=tau, samples=11, seed=1))
+    assert not torch.equal(a, sampled_teacher_kl(h_t, head, s2t, topk, temperature=tau, samples=11, seed=2))
+    assert not torch.allclose(a, exact)
+    with pytest.raises(ValueError, match="samples"):
+        sampled_teacher_kl(h_t, head, s2t, topk, samples=0)
+
+
+def test_sampled_teacher_kl_in_the_objective():
+    """teacher_kl='sampled' is opt-in; with a sample as large as the head it gives the exact objective."""
+    t = make_tensors(seed=5)
+    proj = make_projectors()
+    v_t = t["teacher_head"].shape[0]
+    exact = run(PRESETS["dwa_kd"], t, proj)
+    full = run(dataclasses.replace(PRESETS["dwa_kd"], teacher_kl="sampled", teacher_kl_samples=v_t), t, proj)
+    torch.testing.assert_close(full.total, exact.total)
+    few = dataclasses.replace(PRESETS["dwa_kd"], teacher_kl="sampled", teacher_kl_samples=3)
+    a, b = run(few, t, proj), run(few, t, proj)
+    assert torch.equal(a.total, b.total) and not torch.allclose(a.total, exact.total)
+    assert PRESETS["dwa_kd"].teacher_kl == "exact"
+    with pytest.raises(ValueError, match="teacher_topk_ids"):
+        compute_objective(few, ObjectiveInputs(**dict(t, teacher_topk_ids=None)), proj)
+    bad = t["teacher_topk_ids"].clone()
+    bad[0, 0, 0] = v_t
+    with pytest.raises(ValueError, match="teacher_topk_ids has ids"):
+        compute_objective(few, ObjectiveInputs(**dict(t, teacher_topk_ids=bad)), proj)
+    with pytest.raises(ValueError, match="teacher_entropy='cache'"):
+        dataclasses.replace(few, teacher_entropy="head")
 
 
 def test_chunked_teacher_kl_gradcheck():

@@ -446,6 +446,7 @@ def test_end_to_end_with_tiny_hf_models():
         teacher_labels=t_lab,
         teacher_head=teacher.get_output_embeddings().weight,
         teacher_embeddings=teacher.get_input_embeddings().weight,
+        teacher_entropy=entropy_from_logits(t_out.logits),
     )
     # exact teacher logits from hidden x head (the cache contract)
     t_mask = t_lab.ne(-100)
@@ -490,6 +491,11 @@ def _pad_teacher(t, extra):
     t["teacher_hidden"] = torch.cat([t["teacher_hidden"], torch.zeros(bsz, extra, d)], 1)
     t["teacher_input_ids"] = torch.cat([t["teacher_input_ids"], torch.zeros(bsz, extra, dtype=torch.long)], 1)
     t["teacher_labels"] = torch.cat([t["teacher_labels"], torch.full((bsz, extra), -100)], 1)
+    t["teacher_entropy"] = torch.cat([t["teacher_entropy"], torch.zeros(bsz, extra)], 1)
+    k = t["teacher_topk_ids"].shape[-1]
+    t["teacher_topk_ids"] = torch.cat(
+        [t["teacher_topk_ids"], torch.zeros(bsz, extra, k, dtype=torch.long)], 1
+    )
     mask = t.get("teacher_attention_mask", torch.ones(bsz, m, dtype=torch.long))
     t["teacher_attention_mask"] = torch.cat([mask, torch.zeros(bsz, extra, dtype=torch.long)], 1)
     return t

@@ -350,9 +350,12 @@ def test_nan_losses_are_skipped_counted_and_bounded(tmp_path, cache_dir, student
 
 
 def test_objective_from_cache_equals_objective_with_live_teacher(cache_dir, teacher_dir, student_dir):
-    """The whole DWA-KD objective (and DSKD) from cached outputs = the same with a live teacher forward."""
+    """The whole DWA-KD objective (and DSKD) from cached outputs = the same with a live teacher forward (eq
+    (14)'s teacher entropy from the cache's column on one side, from the live teacher's logits on the other)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from student_train.align import batch_alignment
+    from student_train.losses.divergences import entropy_from_logits
     from pipeline.tokenize import eos_id_of
     from student_train.data import Schedule, ScheduledBatches
     from student_train.losses.cma import Projectors
@@ -372,14 +375,16 @@ def test_objective_from_cache_equals_objective_with_live_teacher(cache_dir, teac
         max_prompt_length=256,
         max_length=512,
         with_teacher=True,
+        alignment=batch_alignment(ObjectiveConfig.preset("dwa_kd"), cache, tok)[0],
     )
     batch = next(iter(ScheduledBatches(cache, sched, 0, 0, kw)))
     teacher = load_teacher(TeacherConfig(path=str(teacher_dir)))
     with torch.no_grad():
-        live_hidden = teacher.base_model(
-            input_ids=batch.t_input_ids, attention_mask=batch.t_mask
-        ).last_hidden_state
-    live_hidden = live_hidden * batch.t_mask[..., None]
+        live_out = teacher(
+            input_ids=batch.t_input_ids, attention_mask=batch.t_mask, output_hidden_states=True
+        )
+    live_hidden = live_out.hidden_states[-1] * batch.t_mask[..., None]
+    live_entropy = entropy_from_logits(live_out.logits) * batch.t_mask
     assert (batch.t_hidden - live_hidden).abs().max() < 1e-4
     student = AutoModelForCausalLM.from_pretrained(student_dir)
     torch.manual_seed(0)
@@ -391,7 +396,7 @@ def test_objective_from_cache_equals_objective_with_live_teacher(cache_dir, teac
         cfg = ObjectiveConfig.preset(preset)
         cached = Distiller(student, proj, cfg, head, emb)(batch)
         live_batch = batch.to("cpu")
-        live_batch.t_hidden = live_hidden
+        live_batch.t_hidden, live_batch.t_entropy = live_hidden, live_entropy
         live = Distiller(student, proj, cfg, live_head, live_emb)(live_batch)
         torch.testing.assert_close(cached.total, live.total, rtol=1e-5, atol=1e-5)
         for k in cached.terms:

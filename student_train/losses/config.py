@@ -21,6 +21,8 @@ LogitKD = Literal["none", "uld", "uld_topk", "mined", "multilevel_ot"]
 Pairing = Literal["first_n", "offsets"]
 MLOTSort = Literal["token", "batch"]
 SpanWeighting = Literal["attention", "certainty"]
+TeacherEntropy = Literal["cache", "head"]
+TeacherKL = Literal["exact", "sampled"]
 LOGIT_KD: tuple[str, ...] = typing.get_args(LogitKD)
 
 # term name -> the ObjectiveConfig field that weighs it; total = sum of weight * term (a term with weight 0
@@ -106,7 +108,29 @@ class ObjectiveConfig:
         default=False, metadata=_help("A20: detach the teacher self-term sdtw(C^yy) (ablation)")
     )
     teacher_chunk_size: int = field(
-        default=256, metadata=_help("teacher positions per chunk when rebuilding teacher logits (>= 1)")
+        default=0,
+        metadata=_help(
+            "teacher positions per chunk when rebuilding teacher logits (>= 1); 0 = from the head's size "
+            "(four [chunk, V_T] fp32 slabs within 256 MiB, see divergences.auto_chunk_size)"
+        ),
+    )
+    teacher_kl: TeacherKL = field(
+        default="exact",
+        metadata=_help(
+            "teacher-space KL: 'exact' over the whole head; 'sampled' (opt-in, APPROXIMATE) over each row's "
+            "cached top-k plus teacher_kl_samples uniform negatives (divergences.sampled_teacher_kl)"
+        ),
+    )
+    teacher_kl_samples: int = field(
+        default=4096, metadata=_help("negatives of teacher_kl='sampled' (>= 1; capped at the head's rows)")
+    )
+    teacher_entropy: TeacherEntropy = field(
+        default="cache",
+        metadata=_help(
+            "source of the teacher entropy H^T of eq (14): 'cache' reads the cached column (the teacher's own "
+            "fp32 distribution at precompute time; no vocabulary pass), 'head' rebuilds it from the cached "
+            "hidden state x head (through the cache's hidden dtype)"
+        ),
     )
     check_inputs: bool = field(
         default=True, metadata=_help("check finiteness and id ranges of inputs (one host sync each)")
@@ -265,8 +289,17 @@ class ObjectiveConfig:
             raise ValueError(f"skew_lambda must be in [0, 1), got {self.skew_lambda}")
         if not 0.0 <= self.band_center_alpha <= 1.0:
             raise ValueError(f"band_center_alpha must be in [0, 1], got {self.band_center_alpha}")
-        if self.teacher_chunk_size < 1:
-            raise ValueError(f"teacher_chunk_size must be >= 1, got {self.teacher_chunk_size}")
+        if self.teacher_kl_samples < 1:
+            raise ValueError(f"teacher_kl_samples must be >= 1, got {self.teacher_kl_samples}")
+        if self.teacher_kl == "sampled" and self.entropy_weighting and self.teacher_entropy == "head":
+            raise ValueError(
+                "teacher_kl='sampled' avoids the pass over the teacher head that teacher_entropy='head' needs; "
+                "use teacher_entropy='cache'"
+            )
+        if self.teacher_chunk_size < 0:
+            raise ValueError(
+                f"teacher_chunk_size must be >= 1 (or 0 for automatic), got {self.teacher_chunk_size}"
+            )
         for name, hint in typing.get_type_hints(type(self)).items():  # every option field is a Literal
             allowed = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
             if allowed and getattr(self, name) not in allowed:
@@ -328,6 +361,17 @@ class ObjectiveConfig:
         return (
             self.kd_enabled or self.logit_kd in ("uld", "mined", "multilevel_ot") or self.lambda_sra_logit > 0
         )
+
+    @property
+    def needs_teacher_entropy(self) -> bool:
+        """The batch must carry the cached teacher entropy (eq 14's weights from the cache, or MTA's certainty)."""
+        eq14 = self.kd_enabled and self.entropy_weighting and self.teacher_entropy == "cache"
+        return eq14 or (self.span_enabled and self.span_weighting == "certainty")
+
+    @property
+    def needs_teacher_topk_ids(self) -> bool:
+        """The batch must carry the cached top-k ids (the sampled teacher-space KL)."""
+        return self.kd_enabled and self.teacher_kl == "sampled"
 
     @property
     def needs_offsets_pairing(self) -> bool:

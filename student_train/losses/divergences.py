@@ -22,9 +22,12 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 __all__ = [
+    "SLAB_BUDGET_BYTES",
+    "auto_chunk_size",
     "compute_dtype",
     "entropy_from_logits",
     "forward_kl_from_logits",
+    "sampled_teacher_kl",
     "skewed_reverse_kl_from_logits",
     "teacher_entropy_and_kl",
 ]
@@ -167,6 +170,20 @@ def entropy_from_logits(
     return _rowwise(fn, mask, logits)
 
 
+SLAB_BUDGET_BYTES = 256 * 2**20
+"""What the teacher-space KL's live fp32 slabs (four at most) may take when the chunk is automatic."""
+
+
+def auto_chunk_size(vocab_size: int, budget_bytes: int = SLAB_BUDGET_BYTES) -> int:
+    """Teacher positions per chunk so that four ``[chunk, V_T]`` fp32 slabs fit in ``budget_bytes``.
+
+    A power of two in ``[16, 1024]``: 256 for a 49k-token head (SmolLM2), 64 for a 152k one (Qwen2.5), 512
+    for 32k (Mistral). docs/BENCHMARKS.md measures the products' speed against the chunk at these sizes.
+    """
+    fit = budget_bytes // (16 * max(int(vocab_size), 1))
+    return int(min(1024, max(16, 1 << max(int(fit).bit_length() - 1, 0))))
+
+
 def _row_chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
 
@@ -183,14 +200,15 @@ class _ChunkedTeacherKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s2t_rows, teacher_rows, head, bias, temperature, chunk_size):
-        """Per-row KL and entropy; with a gradient to come, also the per-row Jacobian ``[N, d_T]``.
+    def forward(ctx, s2t_rows, teacher_rows, head, bias, temperature, chunk_size, with_entropy):
+        """Per-row KL and (``with_entropy``) entropy; with a gradient to come, also the per-row Jacobian.
 
         ``bias`` (``[V_T]`` or None) is the head's bias, added to both logits (it leaves the Jacobian as is).
+        At ``tau = 1`` the entropy reuses the KL's log-softmax; otherwise it is one more pass over the slab.
         """
         n = teacher_rows.shape[0]
         kl = s2t_rows.new_zeros(n)
-        ent = s2t_rows.new_zeros(n)
+        ent = s2t_rows.new_zeros(n if with_entropy else 0)
         need_grad = ctx.needs_input_grad[0]
         jac = torch.empty_like(s2t_rows) if need_grad else None
         for s, e in _row_chunks(n, chunk_size):
@@ -199,10 +217,16 @@ class _ChunkedTeacherKL(torch.autograd.Function):
             if bias is not None:
                 zt.add_(bias)
                 zs.add_(bias)
-            lt1 = F.log_softmax(zt, dim=-1)
-            ent[s:e] = -(lt1.exp() * lt1).sum(-1)
-            del lt1
-            ltt = F.log_softmax(zt.div_(temperature), dim=-1)
+            if temperature == 1.0:
+                ltt = F.log_softmax(zt, dim=-1)
+                if with_entropy:
+                    ent[s:e] = -(ltt.exp() * ltt).sum(-1)
+            else:
+                if with_entropy:
+                    lt1 = F.log_softmax(zt, dim=-1)
+                    ent[s:e] = -(lt1.exp() * lt1).sum(-1)
+                    del lt1
+                ltt = F.log_softmax(zt.div_(temperature), dim=-1)
             del zt
             lq = F.log_softmax(zs.div_(temperature), dim=-1)
             del zs
@@ -222,8 +246,8 @@ class _ChunkedTeacherKL(torch.autograd.Function):
         """``grad_kl[i] * J_i``: no vocabulary-sized work."""
         (jac,) = ctx.saved_tensors
         if grad_kl is None:
-            return torch.zeros_like(jac), None, None, None, None, None
-        return jac * grad_kl.to(jac.dtype).unsqueeze(-1), None, None, None, None, None
+            return torch.zeros_like(jac), None, None, None, None, None, None
+        return jac * grad_kl.to(jac.dtype).unsqueeze(-1), None, None, None, None, None, None
 
 
 def teacher_entropy_and_kl(
@@ -232,9 +256,10 @@ def teacher_entropy_and_kl(
     s2t_rows: torch.Tensor | None = None,
     *,
     temperature: float = 1.0,
-    chunk_size: int = 256,
+    chunk_size: int = 0,
     teacher_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    entropy: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Teacher entropy (tau=1) and teacher-space KL from cached hidden states, chunked over positions.
 
     For each teacher position the exact teacher logits ``z^T_j = W^T h^T_j`` are rebuilt from the cached
@@ -250,16 +275,22 @@ def teacher_entropy_and_kl(
             float32 to avoid a per-call cast of the whole head.
         s2t_rows: ``[N, d_T]`` student-to-teacher attended states ``hhat^{s2t}``; receives gradient.
         temperature: KL temperature ``tau > 0`` (the entropy is always at tau=1).
-        chunk_size: positions per chunk, >= 1.
+        chunk_size: positions per chunk, >= 1; 0 picks :func:`auto_chunk_size` for the head.
         teacher_bias: ``[V_T]`` the LM head's bias, when the teacher's head has one (constant).
+        entropy: also compute the entropy; ``False`` skips its pass (the caller has the cached column) and
+            needs ``s2t_rows``.
 
     Returns:
-        ``(entropy [N], kl [N] or None)`` in float32 (float64 if ``s2t_rows`` / ``teacher_rows`` are
-        float64). ``entropy`` is detached.
+        ``(entropy [N] or None, kl [N] or None)`` in float32 (float64 if ``s2t_rows`` / ``teacher_rows``
+        are float64). ``entropy`` is detached.
     """
     _check_temperature(temperature)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 1 (0: automatic), got {chunk_size}")
+    if chunk_size == 0:
+        chunk_size = auto_chunk_size(teacher_head.shape[0])
+    if s2t_rows is None and not entropy:
+        raise ValueError("nothing to compute: s2t_rows is None and entropy=False")
     if teacher_rows.dim() != 2 or teacher_head.dim() != 2 or teacher_rows.shape[1] != teacher_head.shape[1]:
         raise ValueError(
             f"expected teacher_rows [N, d_T] and teacher_head [V_T, d_T]; got {tuple(teacher_rows.shape)} "
@@ -285,6 +316,87 @@ def teacher_entropy_and_kl(
             f"s2t_rows must match teacher_rows [N, d_T]; got {tuple(s2t_rows.shape)} vs {tuple(t_rows.shape)}"
         )
     kl, ent = _ChunkedTeacherKL.apply(
-        s2t_rows.to(dtype), t_rows, head, bias, float(temperature), int(chunk_size)
+        s2t_rows.to(dtype), t_rows, head, bias, float(temperature), int(chunk_size), bool(entropy)
     )
-    return ent, kl
+    return (ent if entropy else None), kl
+
+
+def sampled_teacher_kl(
+    teacher_rows: torch.Tensor,
+    teacher_head: torch.Tensor,
+    s2t_rows: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    samples: int = 4096,
+    seed: int = 0,
+    teacher_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """An APPROXIMATE teacher-space KL (opt-in, never the default): the cached top-k plus sampled negatives.
+
+    The exact term needs ``softmax(W h)`` over all ``V_T`` rows of the teacher head for both sides. Here each
+    row ``j`` sees only its cached top-k ids ``K_j`` (exact logits, both sides) and ``samples`` ids ``S`` drawn
+    uniformly without replacement from the whole vocabulary (shared by the rows; those in ``K_j`` are dropped
+    for row ``j``), standing for the ``V - k`` others with weight ``r_j = (V - k) / |S \\ K_j|``:
+
+    ``log Z ~= logsumexp(z_K / tau, z_S / tau + log r)`` (each side), ``p_v = exp(z_v / tau - log Z)`` and
+    ``KL ~= sum_{v in K} p_v (log p_v - log q_v) + r sum_{v in S} p_v (log p_v - log q_v)``.
+
+    The teacher's mass sits mostly in its top-k, so most of the KL is computed exactly; the sample estimates
+    both normalisers and the tail's share. Cost ``O(N (k + samples) d)`` instead of ``O(N V d)``; the error
+    (value and gradient cosine against the exact term on a real teacher) is in docs/BENCHMARKS.md.
+
+    Args:
+        teacher_rows: ``[N, d_T]`` cached teacher final states (constant).
+        teacher_head: ``[V_T, d_T]`` (constant).
+        s2t_rows: ``[N, d_T]`` student-to-teacher states; receives gradient.
+        topk_ids: ``[N, k]`` the cache's top-k teacher ids of each row.
+        temperature: ``tau > 0``.
+        samples: uniform negatives (capped at ``V_T``).
+        seed: the sample's seed (the caller makes it a function of the batch, so a resumed run draws the same).
+        teacher_bias: ``[V_T]`` or None.
+
+    Returns:
+        ``[N]`` per-row approximate KL (float32, float64 for float64 inputs).
+    """
+    _check_temperature(temperature)
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    n, d = teacher_rows.shape
+    if s2t_rows.shape != teacher_rows.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != n:
+        raise ValueError(
+            f"expected teacher_rows and s2t_rows [N, d_T] and topk_ids [N, k]; got {tuple(teacher_rows.shape)}, "
+            f"{tuple(s2t_rows.shape)}, {tuple(topk_ids.shape)}"
+        )
+    dtype = compute_dtype(teacher_rows, s2t_rows)
+    v = teacher_head.shape[0]
+    k = topk_ids.shape[1]
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    sample = torch.randperm(v, generator=gen)[: min(samples, v)].to(teacher_head.device)
+    ids = topk_ids.long()
+    head = teacher_head.detach()
+    w_k = head[ids].to(dtype)  # [N, k, d]
+    w_s = head[sample].to(dtype)  # [S, d]
+    t_rows = teacher_rows.detach().to(dtype)
+    s_rows = s2t_rows.to(dtype)
+    in_top = (sample.view(1, -1, 1) == ids.unsqueeze(1)).any(-1)  # [N, S]
+    others = (~in_top).sum(-1).clamp_min(1).to(dtype)
+    log_r = torch.log((v - k) / others).unsqueeze(-1)  # [N, 1]
+
+    def log_probs(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z_k = torch.einsum("nd,nkd->nk", rows, w_k)
+        z_s = rows @ w_s.T
+        if teacher_bias is not None:
+            b = teacher_bias.detach().to(dtype)
+            z_k, z_s = z_k + b[ids], z_s + b[sample]
+        z_k, z_s = z_k / temperature, z_s / temperature
+        tail = (z_s + log_r).masked_fill(in_top, float("-inf"))  # a sampled id in K_j is not a tail draw
+        log_z = torch.logsumexp(torch.cat([z_k, tail], -1), -1, keepdim=True)
+        return z_k - log_z, z_s - log_z
+
+    with torch.no_grad():
+        lp_k, lp_s = log_probs(t_rows)
+    lq_k, lq_s = log_probs(s_rows)
+    top = (lp_k.exp() * (lp_k - lq_k)).sum(-1)
+    tail = (lp_s.exp() * (lp_s - lq_s) * (~in_top).to(dtype)).sum(-1)
+    return top + log_r.squeeze(-1).exp() * tail

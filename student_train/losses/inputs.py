@@ -52,8 +52,9 @@ class ObjectiveInputs:
         student_attention_mask: ``[B, n]`` 1 on real (non-pad) student positions (MTA's token weights).
         word_spans, phrase_spans: MTA, ``(student [B, n], teacher [B, m])`` long span ids shared by both sides
             (:mod:`student_train.spans`), ``-1`` = no span.
-        teacher_entropy: ``[B, m]`` cached entropy of the teacher's next-token distribution (MTA's
-            ``span_weighting="certainty"``).
+        teacher_topk_ids: ``[B, m, k]`` long, the cached top-k teacher ids (``teacher_kl="sampled"``).
+        teacher_entropy: ``[B, m]`` cached entropy of the teacher's next-token distribution (eq 14's teacher
+            weights with ``teacher_entropy="cache"``, MTA's ``span_weighting="certainty"``).
         sra_student_layers, sra_teacher_layers: SRA, per layer pair ``[B, n, d_S]`` (live) / ``[B, m, d_T]``.
         student_salience, teacher_salience: SRA, per pair ``[B, n]`` / ``[B, m]`` attention salience (the
             student's from its own attention, the teacher's from the cache).
@@ -86,6 +87,7 @@ class ObjectiveInputs:
     word_spans: tuple[torch.Tensor, torch.Tensor] | None = None
     phrase_spans: tuple[torch.Tensor, torch.Tensor] | None = None
     teacher_entropy: torch.Tensor | None = None
+    teacher_topk_ids: torch.Tensor | None = None
     sra_student_layers: list[torch.Tensor] | None = None
     sra_teacher_layers: list[torch.Tensor] | None = None
     student_salience: list[torch.Tensor] | None = None
@@ -135,7 +137,11 @@ class ObjectiveInputs:
                 "phrase_spans",
             ]
             if cfg.span_weighting == "certainty":
-                needed += ["teacher_entropy", "teacher_head"]
+                needed += ["teacher_head"]
+        if cfg.needs_teacher_entropy:
+            needed += ["teacher_entropy"]
+        if cfg.needs_teacher_topk_ids:
+            needed += ["teacher_topk_ids"]
         missing = [k for k in needed if getattr(self, k) is None]
         if missing:
             raise ValueError(
@@ -166,6 +172,20 @@ class ObjectiveInputs:
         m, d_t = self.teacher_hidden.shape[1:]
         _expect_shape("teacher_labels", self.teacher_labels, (bsz, m), "[B, m]")
         _expect_int("teacher_labels", self.teacher_labels)
+        if self.teacher_entropy is not None:
+            _expect_shape("teacher_entropy", self.teacher_entropy, (bsz, m), "[B, m]")
+        if self.teacher_topk_ids is not None:
+            _expect_dims("teacher_topk_ids", self.teacher_topk_ids, 3, "[B, m, k]")
+            if tuple(self.teacher_topk_ids.shape[:2]) != (bsz, m):
+                raise ValueError(
+                    f"teacher_topk_ids must have shape [B, m, k] with (B, m) = {(bsz, m)}, got "
+                    f"{tuple(self.teacher_topk_ids.shape)}"
+                )
+            _expect_int("teacher_topk_ids", self.teacher_topk_ids)
+            if cfg.check_inputs and self.teacher_head is not None:
+                _check_ids(
+                    "teacher_topk_ids", self.teacher_topk_ids, self.teacher_head.shape[0], ignore=False
+                )
         if self.teacher_input_ids is not None:
             _expect_shape("teacher_input_ids", self.teacher_input_ids, (bsz, m), "[B, m]")
             _expect_int("teacher_input_ids", self.teacher_input_ids)
@@ -193,6 +213,7 @@ class ObjectiveInputs:
             "teacher_hidden",
             "teacher_head",
             "teacher_embeddings",
+            "teacher_entropy",
         ]
         for name in float_fields:
             if getattr(self, name) is not None:

@@ -32,6 +32,7 @@ from student_train.losses.divergences import (
     compute_dtype,
     entropy_from_logits,
     forward_kl_from_logits,
+    sampled_teacher_kl,
     skewed_reverse_kl_from_logits,
     teacher_entropy_and_kl,
 )
@@ -312,24 +313,52 @@ def _token_kd_terms(
         )
         w_rows = w_rows * w_s[s_mask].to(dtype)
     out["kd_student"] = (w_rows * _student_divergence(cfg, z_t2s.detach(), b.s_logits)).sum()
-    # teacher space: exact teacher logits rebuilt chunk-wise from cached hidden x head
-    t_ent, t_kl = teacher_entropy_and_kl(
-        x.teacher_hidden[t_mask],
-        x.teacher_head,
-        cma.hhat_s2t[t_mask],
-        temperature=cfg.kd_temperature,
-        chunk_size=cfg.teacher_chunk_size,
-        teacher_bias=x.teacher_head_bias,
-    )
-    if cfg.entropy_weighting:
-        ent_t = torch.zeros(t_mask.shape, dtype=t_ent.dtype, device=t_mask.device).masked_scatter(
-            t_mask, t_ent
+    # teacher space: exact teacher logits rebuilt chunk-wise from cached hidden x head; the entropy of eq (14)
+    # from the cache's column (no pass over the vocabulary) or rebuilt alongside the KL
+    rebuild = cfg.entropy_weighting and cfg.teacher_entropy == "head"
+    if cfg.teacher_kl == "sampled":  # opt-in approximation: top-k + sampled negatives, no pass over the head
+        t_ent, t_kl = (
+            None,
+            sampled_teacher_kl(
+                x.teacher_hidden[t_mask],
+                x.teacher_head,
+                cma.hhat_s2t[t_mask],
+                x.teacher_topk_ids[t_mask],
+                temperature=cfg.kd_temperature,
+                samples=cfg.teacher_kl_samples,
+                seed=_batch_seed(x.teacher_input_ids, t_mask),
+                teacher_bias=x.teacher_head_bias,
+            ),
         )
+    else:
+        t_ent, t_kl = teacher_entropy_and_kl(
+            x.teacher_hidden[t_mask],
+            x.teacher_head,
+            cma.hhat_s2t[t_mask],
+            temperature=cfg.kd_temperature,
+            chunk_size=cfg.teacher_chunk_size,
+            teacher_bias=x.teacher_head_bias,
+            entropy=rebuild,
+        )
+    if cfg.entropy_weighting:
+        if rebuild:
+            ent_t = torch.zeros(t_mask.shape, dtype=t_ent.dtype, device=t_mask.device).masked_scatter(
+                t_mask, t_ent
+            )
+        else:
+            ent_t = x.teacher_entropy.detach().to(t_kl.dtype) * t_mask
         w_t = teacher_token_weights(ent_t, t_mask, x.teacher_head.shape[0])[t_mask]
         out["kd_teacher"] = (w_t.to(t_kl.dtype) * t_kl).sum().to(dtype)
     else:
         out["kd_teacher"] = t_kl.sum().to(dtype)
     return out
+
+
+def _batch_seed(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """A seed that is a function of the batch's teacher tokens only (a resumed run draws the same sample)."""
+    vals = ids[mask].long()
+    pos = torch.arange(1, vals.numel() + 1, device=vals.device)
+    return int(((vals * 1_000_003 + pos * 7919) % 2_147_483_647).sum().item()) % 2**62
 
 
 def _dtw_terms(
