@@ -354,11 +354,11 @@ def test_objective_from_cache_equals_objective_with_live_teacher(cache_dir, teac
     (14)'s teacher entropy from the cache's column on one side, from the live teacher's logits on the other)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from student_train.align import batch_alignment
-    from student_train.losses.divergences import entropy_from_logits
     from pipeline.tokenize import eos_id_of
+    from student_train.align import batch_alignment
     from student_train.data import Schedule, ScheduledBatches
     from student_train.losses.cma import Projectors
+    from student_train.losses.divergences import entropy_from_logits
     from student_train.losses.objective import ObjectiveConfig
     from student_train.model import Distiller
     from teacher_cache.reader import open_cache
