@@ -49,7 +49,7 @@ def capture_rows(cache, student_dir: str, projectors_file: str | None, batches: 
     tok = AutoTokenizer.from_pretrained(student_dir)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    student = AutoModelForCausalLM.from_pretrained(student_dir, torch_dtype=torch.float32)
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     torch.manual_seed(0)
     proj = Projectors(student.config.hidden_size, cache.hidden_size)
     if projectors_file:
@@ -143,7 +143,7 @@ def main() -> int:
                     rows["teacher"], head, s2t, rows["topk"], temperature=args.tau, samples=size, seed=seed
                 )
                 (g,) = torch.autograd.grad(approx.sum(), s2t)
-                errs.append(float((approx.sum() - exact.sum()) / exact.sum()))
+                errs.append(float((approx.detach().sum() - exact.sum()) / exact.sum()))
                 row_errs.append(float(((approx.detach() - exact).abs() / exact.clamp_min(1e-6)).median()))
                 coss.append(float(F.cosine_similarity(g.flatten(), g_exact.flatten(), 0)))
             sd = statistics.stdev(errs) if len(errs) > 1 else 0.0
