@@ -6,6 +6,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -713,3 +714,22 @@ def test_planner_predicts_the_student_peak_memory(tmp_path, gpt2_tokenizer, caps
     )  # fmt: skip
     predicted = json.loads(capsys.readouterr().out)["student_memory_per_gpu"]["total"]
     assert abs(predicted - measured) <= 0.2 * measured, (predicted, measured)
+
+
+def test_approximate_teacher_kl_benchmark_is_exact_with_the_whole_vocabulary(cache_dir, student_dir):
+    """benchmarks/teacher_kl_approx.py on a real cache and a student forward: a sample as large as the head gives
+    the exact KL and gradient; a small one does not; an fp32 cache's entropy column is the rebuilt entropy."""
+    res = subprocess.run(
+        [sys.executable, "benchmarks/teacher_kl_approx.py", "--cache", str(cache_dir), "--student",
+         str(student_dir), "--batches", "1", "--samples", "8,100000", "--seeds", "2", "--reps", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    rows = dict(re.findall(r"^\| (\d+) \| ([^|]+\|[^|]+\|[^|]+)\|$", res.stdout, re.M))
+    err, _, cos = (c.strip() for c in rows["100000"].split("|"))
+    # exact up to fp32 rounding of 32k-term sums (the float64 unit test asserts equality)
+    assert abs(float(err.split("±")[0])) <= 5e-4 and cos.startswith("1.0000"), rows["100000"]
+    assert float(rows["8"].split("|")[2].split("(")[0]) < 0.999, rows["8"]
+    diff = float(re.search(r"max \|diff\| ([0-9.]+) nats", res.stdout).group(1))
+    assert diff < 1e-3
+    assert "| sampled 100000 |" in res.stdout and "| exact (auto chunk) |" in res.stdout
