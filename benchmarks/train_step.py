@@ -53,7 +53,7 @@ def qwen_shaped_teacher(out: Path) -> Path:
     """A random-init Qwen2.5-1.5B-shaped teacher (151,936-row head, d=1536, 2 blocks), Mistral tokenizer."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers/mistral"))
+    tok = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers/mistral-7b-v0.1"))
     torch.manual_seed(0)
     conf = Qwen2Config(
         vocab_size=151936,
