@@ -175,12 +175,7 @@ class ObjectiveInputs:
         if self.teacher_entropy is not None:
             _expect_shape("teacher_entropy", self.teacher_entropy, (bsz, m), "[B, m]")
         if self.teacher_topk_ids is not None:
-            _expect_dims("teacher_topk_ids", self.teacher_topk_ids, 3, "[B, m, k]")
-            if tuple(self.teacher_topk_ids.shape[:2]) != (bsz, m):
-                raise ValueError(
-                    f"teacher_topk_ids must have shape [B, m, k] with (B, m) = {(bsz, m)}, got "
-                    f"{tuple(self.teacher_topk_ids.shape)}"
-                )
+            _expect_topk("teacher_topk_ids", self.teacher_topk_ids, bsz, m)
             _expect_int("teacher_topk_ids", self.teacher_topk_ids)
             if cfg.check_inputs and self.teacher_head is not None:
                 _check_ids(
@@ -190,12 +185,7 @@ class ObjectiveInputs:
             _expect_shape("teacher_input_ids", self.teacher_input_ids, (bsz, m), "[B, m]")
             _expect_int("teacher_input_ids", self.teacher_input_ids)
         if self.teacher_topk_logprobs is not None:
-            _expect_dims("teacher_topk_logprobs", self.teacher_topk_logprobs, 3, "[B, m, k]")
-            if tuple(self.teacher_topk_logprobs.shape[:2]) != (bsz, m):
-                raise ValueError(
-                    f"teacher_topk_logprobs must have shape [B, m, k] with B, m = {bsz}, {m}, got "
-                    f"{tuple(self.teacher_topk_logprobs.shape)}"
-                )
+            _expect_topk("teacher_topk_logprobs", self.teacher_topk_logprobs, bsz, m)
         for name in ("teacher_embeddings", "teacher_head"):
             table = getattr(self, name)
             if table is not None:
@@ -279,6 +269,12 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
             f"{name} contains {bad} NaN/inf values; check the forward pass (fp16 overflow?) or the "
             "teacher cache shard that produced this batch"
         )
+
+
+def _expect_topk(name: str, t: torch.Tensor, bsz: int, m: int) -> None:
+    _expect_dims(name, t, 3, "[B, m, k]")
+    if tuple(t.shape[:2]) != (bsz, m):
+        raise ValueError(f"{name} must have shape [B, m, k] with B, m = {bsz}, {m}, got {tuple(t.shape)}")
 
 
 def _check_ids(name: str, ids: torch.Tensor, vocab: int, *, ignore: bool) -> None:
