@@ -14,7 +14,9 @@ Both variants compute, chunk by chunk over rows, the teacher entropy (tau=1) and
 
 Then (issue #12) the variants of ours that the objective chooses between, timed side by side: ``ours`` at each
 of ``--chunks`` and at the automatic chunk (``divergences.auto_chunk_size``), and ``ours, no entropy`` (the
-objective's default since the cache's ``entropy`` column feeds eq (14): the KL alone, no entropy pass).
+objective's default since the cache's ``entropy`` column feeds eq (14): the KL alone, no entropy pass). Last,
+the change inside each chunk: the two logit slabs as two products with the head (the code before) against one
+product of the stacked rows (now), interleaved, at the automatic chunk.
 
 Defaults are SmolLM2-135M's head (V=49,152, d=576) and ~600 response positions (a micro-batch of 4 Dolly
 samples). One process, interleaved repetitions after a warm-up, medians; peak RSS is sampled per variant.
@@ -89,6 +91,30 @@ def peak_during(fn) -> tuple[float, float]:
     return secs, mem.peak_mb - before
 
 
+def products(h, head, s2t, chunk, reps):
+    """Median seconds of one chunk's two logit slabs: two products with the head vs one stacked product."""
+    a, b = h[:chunk], s2t[:chunk]
+
+    def two():
+        return a @ head.T, b @ head.T
+
+    def one():
+        z = torch.cat([a, b]) @ head.T
+        return z[: len(a)], z[len(a) :]
+
+    x, y = two()
+    u, v = one()
+    torch.testing.assert_close(x, u)
+    torch.testing.assert_close(y, v)
+    times = {"two": [], "one": []}
+    for r in range(max(reps, 5)):
+        for name, fn in (("two", two), ("one", one))[:: 1 if r % 2 else -1]:
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return statistics.median(times["two"]), statistics.median(times["one"])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=600)
@@ -144,6 +170,11 @@ def main() -> int:
     print(f"\nrecompute / ours = {med['recompute'] / med['ours']:.2f}")
     new = f"ours, no entropy, chunk {auto} (auto)"
     print(f"ours (chunk {args.chunk}, entropy pass) / {new} = {med['ours'] / med[new]:.2f}")
+    two, one = products(h, head, s2t0, auto, args.reps)
+    print(
+        f"one chunk's logits ({min(auto, args.rows)} rows per side): two products {two * 1e3:.1f} ms, one stacked product "
+        f"{one * 1e3:.1f} ms = {two / one:.2f}x"
+    )
     return 0
 
 
