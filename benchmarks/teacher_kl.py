@@ -143,7 +143,7 @@ def main() -> int:
     ref, mine = call(recompute), call(ours)  # warm-up, and the two must agree
     for a, b, name in zip(ref, mine, ("kl", "entropy", "grad")):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
-    auto = auto_chunk_size(args.vocab)
+    auto = auto_chunk_size(args.vocab, args.dim)
     kl_only, _, g_only = call(ours_no_entropy, auto)
     torch.testing.assert_close(kl_only, mine[0], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(g_only, mine[2], rtol=1e-4, atol=1e-6)

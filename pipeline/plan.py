@@ -244,7 +244,7 @@ def plan(teacher: Shape, student: Shape, cache: dict, args) -> dict:
         # the projected teacher in the student's space: its logits, their log-softmax and two gradients
         logits += 4 * args.micro_batch * seq * student.vocab * 4
         # the teacher-space KL: at most four [chunk, V_T] fp32 slabs alive in one chunk (divergences.py)
-        chunk = objective.teacher_chunk_size or auto_chunk_size(teacher.vocab)
+        chunk = objective.teacher_chunk_size or auto_chunk_size(teacher.vocab, teacher.hidden)
         logits += 4 * chunk * teacher.vocab * 4
     teacher_tables = (
         0 if args.method == "sft" else 4 * teacher.vocab * teacher.hidden * (1 if teacher.tied else 2)

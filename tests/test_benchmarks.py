@@ -40,8 +40,8 @@ def test_teacher_kl_benchmark_variants_agree():
     assert re.search(r"recompute / ours = \d+\.\d\d", out)
     assert "| ours |" in out and "| recompute |" in out
     # the chunk sweep and the objective's default (the cached entropy: the KL alone) are timed beside them
-    assert "| ours, chunk 2 |" in out and "| ours, no entropy, chunk 1024 (auto) |" in out
-    assert re.search(r"/ ours, no entropy, chunk 1024 \(auto\) = \d+\.\d\d", out)
+    assert "| ours, chunk 2 |" in out and "| ours, no entropy, chunk 16 (auto) |" in out  # d=8: the floor
+    assert re.search(r"/ ours, no entropy, chunk 16 \(auto\) = \d+\.\d\d", out)
 
 
 def test_soft_dtw_benchmark_quick():

@@ -154,20 +154,25 @@ def test_chunked_teacher_terms_equal_unchunked(chunk, tau):
         teacher_entropy_and_kl(h_t, head, None, entropy=False)
 
 
-def test_auto_chunk_size_keeps_the_slabs_in_budget():
-    # SmolLM2 49k, Qwen2.5 152k, Mistral 32k, GPT-2 50k; tiny and huge heads hit the bounds
-    assert [auto_chunk_size(v) for v in (49152, 151936, 32000, 50257, 10, 10**8)] == [
-        256,
-        64,
-        512,
-        256,
-        1024,
-        16,
+def test_auto_chunk_size_keeps_the_slabs_within_the_head_and_the_budget():
+    # SmolLM2 49k x 576, Qwen2.5-1.5B 152k x 1536, Qwen2.5-7B 152k x 3584, Mistral-7B 32k x 4096, Gemma 262k x 640;
+    # tiny and huge heads hit the bounds
+    shapes = [
+        (49152, 576),
+        (151936, 1536),
+        (151936, 3584),
+        (32000, 4096),
+        (262144, 640),
+        (10, 8),
+        (10**8, 4096),
     ]
-    for v in (1000, 32000, 49152, 151936, 256000):
-        c = auto_chunk_size(v)
-        assert 4 * c * v * 4 <= SLAB_BUDGET_BYTES or c == 16
-        assert c == 1024 or 4 * (2 * c) * v * 4 > SLAB_BUDGET_BYTES  # the largest power of two that fits
+    assert [auto_chunk_size(v, d) for v, d in shapes] == [128, 256, 256, 1024, 128, 16, 16]
+    for v, d in [(1000, 64), (32000, 4096), (49152, 576), (151936, 1536), (151936, 3584), (256000, 2304)]:
+        c = auto_chunk_size(v, d)
+        slabs = 4 * c * v * 4
+        assert (slabs <= v * d * 4 and slabs <= SLAB_BUDGET_BYTES) or c == 16
+        doubled = 4 * (2 * c) * v * 4  # the largest power of two that fits
+        assert c == 1024 or doubled > v * d * 4 or doubled > SLAB_BUDGET_BYTES
 
 
 def test_objective_invariant_to_teacher_chunk_size():

@@ -111,7 +111,7 @@ class ObjectiveConfig:
         default=0,
         metadata=_help(
             "teacher positions per chunk when rebuilding teacher logits (>= 1); 0 = from the head's size "
-            "(four [chunk, V_T] fp32 slabs within 256 MiB, see divergences.auto_chunk_size)"
+            "(four [chunk, V_T] fp32 slabs within the head's size and 1 GiB, see divergences.auto_chunk_size)"
         ),
     )
     teacher_kl: TeacherKL = field(

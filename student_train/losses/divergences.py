@@ -170,18 +170,21 @@ def entropy_from_logits(
     return _rowwise(fn, mask, logits)
 
 
-SLAB_BUDGET_BYTES = 256 * 2**20
-"""What the teacher-space KL's live fp32 slabs (four at most) may take when the chunk is automatic."""
+SLAB_BUDGET_BYTES = 2**30
+"""The most the teacher-space KL's live fp32 slabs (four at most) may take when the chunk is automatic."""
 
 
-def auto_chunk_size(vocab_size: int, budget_bytes: int = SLAB_BUDGET_BYTES) -> int:
-    """Teacher positions per chunk so that four ``[chunk, V_T]`` fp32 slabs fit in ``budget_bytes``.
+def auto_chunk_size(vocab_size: int, width: int, budget_bytes: int = SLAB_BUDGET_BYTES) -> int:
+    """Teacher positions per chunk from the head's shape: four ``[chunk, V_T]`` fp32 slabs within the head's
+    own size (``chunk <= d_T / 4``: the KL's transient memory never exceeds the head each rank already holds)
+    and within ``budget_bytes``; a power of two in ``[16, 1024]``.
 
-    A power of two in ``[16, 1024]``: 256 for a 49k-token head (SmolLM2), 64 for a 152k one (Qwen2.5), 512
-    for 32k (Mistral). docs/BENCHMARKS.md measures the products' speed against the chunk at these sizes.
+    Measured (docs/BENCHMARKS.md, ``benchmarks/teacher_kl.py``): at a 152k x 1536 head, chunk 64 is 24% slower
+    than 256 (the head is streamed once per chunk), 1024 only 4% faster than 256 for +130 MB; at 49k x 576 the
+    chunk hardly matters. This gives 256 for Qwen2.5-1.5B's head, 128 for SmolLM2's, 1024 for Mistral-7B's.
     """
-    fit = budget_bytes // (16 * max(int(vocab_size), 1))
-    return int(min(1024, max(16, 1 << max(int(fit).bit_length() - 1, 0))))
+    fit = min(int(width) // 4, budget_bytes // (16 * max(int(vocab_size), 1)))
+    return int(min(1024, max(16, 1 << max(fit.bit_length() - 1, 0))))
 
 
 def _row_chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -213,7 +216,7 @@ class _ChunkedTeacherKL(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         jac = torch.empty_like(s2t_rows) if need_grad else None
         for s, e in _row_chunks(n, chunk_size):
-            # both sides' logits in one product: the head is streamed once per chunk, not twice (22% faster
+            # both sides' logits in one product: the head is streamed once per chunk, not twice (24% faster
             # at a 152k x 1536 head, chunk 64; docs/BENCHMARKS.md)
             z = torch.cat([teacher_rows[s:e], s2t_rows[s:e]]) @ head.T
             if bias is not None:
@@ -291,7 +294,7 @@ def teacher_entropy_and_kl(
     if chunk_size < 0:
         raise ValueError(f"chunk_size must be >= 1 (0: automatic), got {chunk_size}")
     if chunk_size == 0:
-        chunk_size = auto_chunk_size(teacher_head.shape[0])
+        chunk_size = auto_chunk_size(*teacher_head.shape)
     if s2t_rows is None and not entropy:
         raise ValueError("nothing to compute: s2t_rows is None and entropy=False")
     if teacher_rows.dim() != 2 or teacher_head.dim() != 2 or teacher_rows.shape[1] != teacher_head.shape[1]:
