@@ -282,8 +282,11 @@ RESUME_SAFE = (
     "train.collective_timeout_s",
     "data.verify_checksums",
     "data.num_workers",
+    "objective.teacher_chunk_size",  # the objective is the same for any chunk (only rounding moves)
+    "objective.check_inputs",
 )
-"""Settings a run may change when it resumes (how long to train, logging, saving); anything else refuses."""
+"""Settings a run may change when it resumes (how long to train, logging, saving, how the same objective is
+computed); anything else refuses."""
 
 
 def resume_safe(key: str) -> bool:
