@@ -77,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         proj.load_state_dict(load_file(str(proj_file)), strict=False)
     distiller = Distiller(student, proj, obj, cache.load_head()[0].float(), cache.load_embeddings().float())
     sched = Schedule(cache.shard_rows, 0, 1, cfg.train.micro_batch, args.seed, 256)
-    kw = collate_kwargs(cfg, tok, with_teacher=True)
+    from student_train.align import batch_alignment
+
+    alignment, _ = batch_alignment(
+        obj, cache, tok, cfg.data.teacher_tokenizer
+    )  # e.g. eq (14)'s cached entropy
+    kw = collate_kwargs(cfg, tok, with_teacher=True, alignment=alignment)
     s_params = [p for p in student.parameters() if p.requires_grad]
     p_params = list(proj.parameters())
     weight = {

@@ -239,6 +239,13 @@ def test_sampled_teacher_kl_is_exact_when_the_sample_is_the_vocabulary(tau):
     assert torch.equal(a, sampled_teacher_kl(h_t, head, s2t, topk, temperature=tau, samples=11, seed=1))
     assert not torch.equal(a, sampled_teacher_kl(h_t, head, s2t, topk, temperature=tau, samples=11, seed=2))
     assert not torch.allclose(a, exact)
+    # rows in checkpointed chunks: the same value and gradient for any chunk size
+    one = sampled_teacher_kl(h_t, head, s2t, topk, temperature=tau, samples=11, seed=1, chunk_size=2)
+    (g_one,) = torch.autograd.grad(one.sum(), s2t)
+    whole = sampled_teacher_kl(h_t, head, s2t, topk, temperature=tau, samples=11, seed=1, chunk_size=1000)
+    (g_whole,) = torch.autograd.grad(whole.sum(), s2t)
+    torch.testing.assert_close(one, whole)
+    torch.testing.assert_close(g_one, g_whole)
     with pytest.raises(ValueError, match="samples"):
         sampled_teacher_kl(h_t, head, s2t, topk, samples=0)
 

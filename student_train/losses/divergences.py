@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "SLAB_BUDGET_BYTES",
@@ -176,12 +177,13 @@ SLAB_BUDGET_BYTES = 2**30
 
 def auto_chunk_size(vocab_size: int, width: int, budget_bytes: int = SLAB_BUDGET_BYTES) -> int:
     """Teacher positions per chunk from the head's shape: four ``[chunk, V_T]`` fp32 slabs within the head's
-    own size (``chunk <= d_T / 4``: the KL's transient memory never exceeds the head each rank already holds)
-    and within ``budget_bytes``; a power of two in ``[16, 1024]``.
+    own size (``chunk <= d_T / 4``: the KL's transient memory does not exceed the head each rank already holds)
+    and within ``budget_bytes``; a power of two in ``[16, 1024]`` (the floor of 16 wins over both bounds for
+    heads narrower than 64 or wider than ~4M rows).
 
-    Measured (docs/BENCHMARKS.md, ``benchmarks/teacher_kl.py``): at a 152k x 1536 head, chunk 64 is 24% slower
-    than 256 (the head is streamed once per chunk), 1024 only 4% faster than 256 for +130 MB; at 49k x 576 the
-    chunk hardly matters. This gives 256 for Qwen2.5-1.5B's head, 128 for SmolLM2's, 1024 for Mistral-7B's.
+    Measured (docs/BENCHMARKS.md, ``benchmarks/teacher_kl.py``, 300 positions): at a 152k x 1536 head, chunk 64
+    is 1.21x slower than 256 (the head is streamed once per chunk); at 49k x 576 the chunk hardly matters. This
+    gives 256 for Qwen2.5-1.5B's head, 128 for SmolLM2's, 1024 for Mistral-7B's.
     """
     fit = min(int(width) // 4, budget_bytes // (16 * max(int(vocab_size), 1)))
     return int(min(1024, max(16, 1 << max(fit.bit_length() - 1, 0))))
@@ -216,28 +218,27 @@ class _ChunkedTeacherKL(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         jac = torch.empty_like(s2t_rows) if need_grad else None
         for s, e in _row_chunks(n, chunk_size):
-            # both sides' logits in one product: the head is streamed once per chunk, not twice (24% faster
-            # at a 152k x 1536 head, chunk 64; docs/BENCHMARKS.md)
+            # both sides' logits in one product: the head is streamed once per chunk, not twice (1.24x on those
+            # products at a 152k x 1536 head, chunk 64; docs/BENCHMARKS.md). Live slabs: z (two), then at most
+            # two more; the sums are row dot products and the differences in place, so no temporaries.
             z = torch.cat([teacher_rows[s:e], s2t_rows[s:e]]) @ head.T
             if bias is not None:
                 z.add_(bias)
             zt, zs = z[: e - s], z[e - s :]
             del z  # the two views keep it alive until both are dropped
-            if temperature == 1.0:
-                ltt = F.log_softmax(zt, dim=-1)
-                if with_entropy:
-                    ent[s:e] = -(ltt.exp() * ltt).sum(-1)
-            else:
-                if with_entropy:
-                    lt1 = F.log_softmax(zt, dim=-1)
-                    ent[s:e] = -(lt1.exp() * lt1).sum(-1)
-                    del lt1
-                ltt = F.log_softmax(zt.div_(temperature), dim=-1)
+            if with_entropy and temperature != 1.0:  # H = lse - <p, z>, with p one slab
+                lse = torch.logsumexp(zt, dim=-1, keepdim=True)
+                p1 = torch.sub(zt, lse).exp_()
+                ent[s:e] = lse.squeeze(-1) - torch.linalg.vecdot(p1, zt)
+                del p1
+            ltt = F.log_softmax(zt if temperature == 1.0 else zt.div_(temperature), dim=-1)
             del zt
             lq = F.log_softmax(zs.div_(temperature), dim=-1)
-            del zs
+            del zs  # z is freed here
             pt = ltt.exp()
-            kl[s:e] = (pt * (ltt - lq)).sum(-1)
+            if with_entropy and temperature == 1.0:
+                ent[s:e] = -torch.linalg.vecdot(pt, ltt)
+            kl[s:e] = torch.linalg.vecdot(pt, ltt.sub_(lq))
             del ltt
             if need_grad:
                 jac[s:e] = (lq.exp_().sub_(pt).div_(temperature)) @ head
@@ -337,30 +338,37 @@ def sampled_teacher_kl(
     samples: int = 4096,
     seed: int = 0,
     teacher_bias: torch.Tensor | None = None,
+    chunk_size: int = 512,
 ) -> torch.Tensor:
     """An APPROXIMATE teacher-space KL (opt-in, never the default): the cached top-k plus sampled negatives.
 
-    The exact term needs ``softmax(W h)`` over all ``V_T`` rows of the teacher head for both sides. Here each
-    row ``j`` sees only its cached top-k ids ``K_j`` (exact logits, both sides) and ``samples`` ids ``S`` drawn
+    The exact term needs ``softmax(W h)`` over all ``V_T`` rows of the teacher head for both sides. Here row
+    ``j`` sees only its cached top-k ids ``K_j`` (exact logits, both sides) and ``samples`` ids ``S`` drawn
     uniformly without replacement from the whole vocabulary (shared by the rows; those in ``K_j`` are dropped
-    for row ``j``), standing for the ``V - k`` others with weight ``r_j = (V - k) / |S \\ K_j|``:
+    for row ``j``), which stand for the ``V - k`` others with weight ``r_j = (V - k) / |S \\ K_j|``:
 
-    ``log Z ~= logsumexp(z_K / tau, z_S / tau + log r)`` (each side), ``p_v = exp(z_v / tau - log Z)`` and
-    ``KL ~= sum_{v in K} p_v (log p_v - log q_v) + r sum_{v in S} p_v (log p_v - log q_v)``.
+    ``log Z ~= logsumexp(z_K / tau, z_{S \\ K} / tau + log r_j)`` (each side), ``p_v = exp(z_v / tau - log Z)``,
+    ``KL ~= sum_{v in K} p_v (log p_v - log q_v) + r_j sum_{v in S \\ K} p_v (log p_v - log q_v)``.
 
-    The teacher's mass sits mostly in its top-k, so most of the KL is computed exactly; the sample estimates
-    both normalisers and the tail's share. Cost ``O(N (k + samples) d)`` instead of ``O(N V d)``; the error
-    (value and gradient cosine against the exact term on a real teacher) is in docs/BENCHMARKS.md.
+    Both normalisers are estimates, so the top-k terms are approximate too; the estimator is biased (the log of
+    an unbiased estimate of ``Z``), on real rows slightly low (docs/BENCHMARKS.md: error and gradient cosine
+    against the exact term on a real teacher). With ``samples >= V`` it is the exact KL, value and gradient.
+    Precondition: a row's top-k ids are distinct (``torch.topk`` at precompute time guarantees it).
+
+    Cost ``O(N (k + samples) d)`` instead of ``O(N V d)``. Rows are processed ``chunk_size`` at a time under
+    activation checkpointing, so memory is bounded by one chunk (its ``[chunk, k, d]`` head rows and a few
+    ``[chunk, samples]`` tensors), recomputed in the backward.
 
     Args:
         teacher_rows: ``[N, d_T]`` cached teacher final states (constant).
         teacher_head: ``[V_T, d_T]`` (constant).
         s2t_rows: ``[N, d_T]`` student-to-teacher states; receives gradient.
-        topk_ids: ``[N, k]`` the cache's top-k teacher ids of each row.
+        topk_ids: ``[N, k]`` the cache's top-k teacher ids of each row (distinct within a row).
         temperature: ``tau > 0``.
         samples: uniform negatives (capped at ``V_T``).
         seed: the sample's seed (the caller makes it a function of the batch, so a resumed run draws the same).
         teacher_bias: ``[V_T]`` or None.
+        chunk_size: rows per checkpointed chunk (>= 1).
 
     Returns:
         ``[N]`` per-row approximate KL (float32, float64 for float64 inputs).
@@ -368,7 +376,9 @@ def sampled_teacher_kl(
     _check_temperature(temperature)
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
-    n, d = teacher_rows.shape
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    n, _ = teacher_rows.shape
     if s2t_rows.shape != teacher_rows.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != n:
         raise ValueError(
             f"expected teacher_rows and s2t_rows [N, d_T] and topk_ids [N, k]; got {tuple(teacher_rows.shape)}, "
@@ -376,33 +386,52 @@ def sampled_teacher_kl(
         )
     dtype = compute_dtype(teacher_rows, s2t_rows)
     v = teacher_head.shape[0]
-    k = topk_ids.shape[1]
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     sample = torch.randperm(v, generator=gen)[: min(samples, v)].to(teacher_head.device)
-    ids = topk_ids.long()
+    where = torch.full(
+        (v,), -1, dtype=torch.long, device=teacher_head.device
+    )  # id -> its place in the sample
+    where[sample] = torch.arange(sample.numel(), device=teacher_head.device)
     head = teacher_head.detach()
-    w_k = head[ids].to(dtype)  # [N, k, d]
     w_s = head[sample].to(dtype)  # [S, d]
-    t_rows = teacher_rows.detach().to(dtype)
-    s_rows = s2t_rows.to(dtype)
-    in_top = (sample.view(1, -1, 1) == ids.unsqueeze(1)).any(-1)  # [N, S]
-    others = (~in_top).sum(-1).clamp_min(1).to(dtype)
-    log_r = torch.log((v - k) / others).unsqueeze(-1)  # [N, 1]
+    b = None if teacher_bias is None else teacher_bias.detach().to(dtype)
+    b_s = None if b is None else b[sample]
 
-    def log_probs(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z_k = torch.einsum("nd,nkd->nk", rows, w_k)
-        z_s = rows @ w_s.T
-        if teacher_bias is not None:
-            b = teacher_bias.detach().to(dtype)
-            z_k, z_s = z_k + b[ids], z_s + b[sample]
-        z_k, z_s = z_k / temperature, z_s / temperature
-        tail = (z_s + log_r).masked_fill(in_top, float("-inf"))  # a sampled id in K_j is not a tail draw
-        log_z = torch.logsumexp(torch.cat([z_k, tail], -1), -1, keepdim=True)
-        return z_k - log_z, z_s - log_z
+    def rows_kl(t_rows: torch.Tensor, s_rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        k = ids.shape[1]
+        hits = where[ids]  # [c, k]: the sample's place of each top-k id, -1 if not drawn
+        in_top = torch.zeros(ids.shape[0], sample.numel() + 1, dtype=torch.bool, device=ids.device)
+        in_top.scatter_(1, torch.where(hits >= 0, hits, sample.numel()), True)
+        in_top = in_top[:, :-1]  # [c, S]
+        others = (~in_top).sum(-1).clamp_min(1).to(dtype)
+        log_r = torch.log((v - k) / others).unsqueeze(-1)  # [c, 1]
+        w_k = head[ids].to(dtype)  # [c, k, d]
 
-    with torch.no_grad():
-        lp_k, lp_s = log_probs(t_rows)
-    lq_k, lq_s = log_probs(s_rows)
-    top = (lp_k.exp() * (lp_k - lq_k)).sum(-1)
-    tail = (lp_s.exp() * (lp_s - lq_s) * (~in_top).to(dtype)).sum(-1)
-    return top + log_r.squeeze(-1).exp() * tail
+        def log_probs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            z_k = torch.einsum("nd,nkd->nk", x, w_k)
+            z_s = x @ w_s.T
+            if b is not None:
+                z_k, z_s = z_k + b[ids], z_s + b_s
+            z_k, z_s = z_k / temperature, z_s / temperature
+            tail = (z_s + log_r).masked_fill(in_top, float("-inf"))  # a drawn id in K_j is not a tail draw
+            log_z = torch.logsumexp(torch.cat([z_k, tail], -1), -1, keepdim=True)
+            return z_k - log_z, z_s - log_z
+
+        with torch.no_grad():
+            lp_k, lp_s = log_probs(t_rows)
+        lq_k, lq_s = log_probs(s_rows)
+        top = (lp_k.exp() * (lp_k - lq_k)).sum(-1)
+        rest = (lp_s.exp() * (lp_s - lq_s) * (~in_top).to(dtype)).sum(-1)
+        return top + log_r.squeeze(-1).exp() * rest
+
+    t_all = teacher_rows.detach().to(dtype)
+    s_all = s2t_rows.to(dtype)
+    ids_all = topk_ids.long()
+    grad = torch.is_grad_enabled() and s_all.requires_grad
+    parts = []
+    for s, e in _row_chunks(n, chunk_size):
+        if grad:
+            parts.append(checkpoint(rows_kl, t_all[s:e], s_all[s:e], ids_all[s:e], use_reentrant=False))
+        else:
+            parts.append(rows_kl(t_all[s:e], s_all[s:e], ids_all[s:e]))
+    return torch.cat(parts) if parts else s_all.new_zeros(0)
