@@ -268,6 +268,10 @@ def test_sampled_teacher_kl_in_the_objective():
     bad[0, 0, 0] = v_t
     with pytest.raises(ValueError, match="teacher_topk_ids has ids"):
         compute_objective(few, ObjectiveInputs(**dict(t, teacher_topk_ids=bad)), proj)
+    twice = t["teacher_topk_ids"].clone()
+    twice[1, 2, 1] = twice[1, 2, 0]
+    with pytest.raises(ValueError, match="repeats an id"):
+        compute_objective(few, ObjectiveInputs(**dict(t, teacher_topk_ids=twice)), proj)
     with pytest.raises(ValueError, match="teacher_entropy='cache'"):
         dataclasses.replace(few, teacher_entropy="head")
 

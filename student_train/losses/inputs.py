@@ -181,6 +181,13 @@ class ObjectiveInputs:
                 _check_ids(
                     "teacher_topk_ids", self.teacher_topk_ids, self.teacher_head.shape[0], ignore=False
                 )
+                # at the response positions the sampled KL reads (pad rows are zeros), each id once
+                ids = self.teacher_topk_ids[self.teacher_labels.ne(IGNORE_INDEX)].sort(-1).values
+                if bool((ids[..., 1:] == ids[..., :-1]).any()):
+                    raise ValueError(
+                        "teacher_topk_ids repeats an id within a position; the cache's top-k ids are distinct "
+                        "(torch.topk), so the cache or the collation is damaged"
+                    )
         if self.teacher_input_ids is not None:
             _expect_shape("teacher_input_ids", self.teacher_input_ids, (bsz, m), "[B, m]")
             _expect_int("teacher_input_ids", self.teacher_input_ids)
