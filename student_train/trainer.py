@@ -42,7 +42,9 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int]:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if "MASTER_PORT" not in os.environ:  # one process without a launcher: a port the OS says is free (a
+        # port derived from the pid collided with another job's, which then failed with EADDRINUSE)
+        os.environ["MASTER_PORT"] = str(free_port())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(
         dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
@@ -50,6 +52,15 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int]:
     if backend == "gloo":  # DeepSpeed's shm all-reduce exists on CPU only
         release_shm_buffer(dist.get_rank())
     return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def release_shm_buffer(rank: int) -> None:
