@@ -99,28 +99,19 @@ def build_student(shape: str, hidden: int, layers: int):
     return AutoModelForCausalLM.from_config(conf)
 
 
-def parse_variant(text: str) -> tuple[str, str, dict]:
-    """``NAME=PRESET[:key=value,...]`` -> (name, preset, typed overrides)."""
-    import dataclasses
-    import typing
-
+def parse_variant(text: str) -> tuple[str, ObjectiveConfig]:
+    """``NAME=PRESET[:key=value,...]`` -> (name, the objective), through ``ObjectiveConfig.from_dict``."""
     import yaml
-
-    from pipeline.config import coerce
 
     name, _, rest = text.partition("=")
     preset, _, kv = rest.partition(":")
     if not name or not preset:
         raise SystemExit(f"--variant wants NAME=PRESET[:key=value,...], got {text!r}")
-    hints = typing.get_type_hints(ObjectiveConfig)
-    known = {f.name for f in dataclasses.fields(ObjectiveConfig)}
-    overrides = {}
+    values = {"preset": preset, "check_inputs": False}
     for item in filter(None, kv.split(",")):
         key, _, value = item.partition("=")
-        if key not in known:
-            raise SystemExit(f"--variant {name}: unknown objective key {key!r}")
-        overrides[key] = coerce(yaml.safe_load(value), hints[key], f"objective.{key}")
-    return name, preset, overrides
+        values[key] = yaml.safe_load(value)
+    return name, ObjectiveConfig.from_dict(values)
 
 
 class PeakRSS:
@@ -214,8 +205,8 @@ def main() -> int:
     presets = [p.strip() for p in args.presets.split(",") if p.strip() and p.strip() != "dwa_kd"] + ["dwa_kd"]
     cfgs = {p: ObjectiveConfig.preset(p, check_inputs=False) for p in presets}
     for text in args.variant:
-        name, preset, overrides = parse_variant(text)
-        cfgs[name] = ObjectiveConfig.preset(preset, check_inputs=False, **overrides)
+        name, cfg = parse_variant(text)
+        cfgs[name] = cfg
         presets.append(name)
     live = args.teacher == "smollm2"
     from student_train.align import teacher_layers_needed

@@ -201,7 +201,7 @@ class Distiller(nn.Module):
             teacher_embeddings=self.teacher["embeddings"],
             teacher_attention_mask=batch.t_mask,
             teacher_topk_logprobs=batch.t_topk_logprobs,
-            teacher_topk_ids=batch.t_topk_ids,
+            teacher_topk_ids=batch.t_topk_ids if cfg.needs_teacher_topk_ids else None,  # checked only then
             aligned_positions=batch.aligned_positions,
             mined_positions=batch.mined_positions,
             mined_map=mined_map,
