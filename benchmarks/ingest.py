@@ -15,9 +15,11 @@ growth of its RSS (the object store's copy of those rows came on top).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -125,6 +127,8 @@ def main() -> int:
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="xtokd-ingest-"))
+    if not args.work:
+        atexit.register(shutil.rmtree, work, True)
     work.mkdir(parents=True, exist_ok=True)
     teacher = work / "teacher"
     if not (teacher / "config.json").exists():

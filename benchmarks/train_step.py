@@ -24,6 +24,8 @@ against SmolLM2's 49,152). ``--variant`` adds cache variants with objective over
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import statistics
 import sys
 import tempfile
@@ -219,7 +221,8 @@ def main() -> int:
     if args.cache:
         cache_dir = Path(args.cache)
     else:
-        tmp = Path(tempfile.mkdtemp())
+        tmp = Path(tempfile.mkdtemp(prefix="xtokd-step-"))
+        atexit.register(shutil.rmtree, tmp, True)  # a 152k-head teacher and its cache: ~4 GB per run
         teacher_args = tuple(SMOLLM2)
         if args.teacher == "qwen2.5-152k":
             teacher_args = (f"teacher.path={qwen_shaped_teacher(tmp / 'teacher')}",)
