@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
+
+_log = logging.getLogger(__name__)
 
 MARKERS = ("Ġ", "▁")
 
@@ -343,14 +346,32 @@ def teacher_layers_needed(objective) -> tuple[int, ...]:
     return tuple(sorted({n for n in wanted if n >= 0}))
 
 
-def shared_vocab(teacher_tok, student_tok) -> tuple[np.ndarray, np.ndarray]:
+def shared_vocab(
+    teacher_tok, student_tok, student_rows: int | None = None, teacher_rows: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``(student ids, teacher ids)`` of the token strings both vocabularies hold, in student id order (SRA's
-    ``get_token_mapping``: an exact match of ``get_vocab()`` strings, added tokens included)."""
+    ``get_token_mapping``: an exact match of ``get_vocab()`` strings, added tokens included).
+
+    ``student_rows`` / ``teacher_rows``: the rows of each output head. A tokenizer can hold ids its model has
+    no logit for (added tokens past the head); those pairs are dropped, and said, since the term compares
+    logits. Raises ``ValueError`` when no pair is left."""
     t_vocab = teacher_tok.get_vocab()
     pairs = sorted((i, t_vocab[tok]) for tok, i in student_tok.get_vocab().items() if tok in t_vocab)
-    if not pairs:
+    kept = [
+        (s, t)
+        for s, t in pairs
+        if (student_rows is None or 0 <= s < student_rows) and (teacher_rows is None or 0 <= t < teacher_rows)
+    ]
+    if len(kept) < len(pairs):
+        _log.warning(
+            "SRA shared vocabulary: %d of %d shared token strings have an id past an output head "
+            "(student rows %s, teacher rows %s) and are left out of the logit term",
+            len(pairs) - len(kept), len(pairs), student_rows, teacher_rows,
+        )  # fmt: skip
+    if not kept:
         raise ValueError(
-            "the teacher and student vocabularies share no token string; SRA's logit term needs some"
+            "the teacher and student vocabularies share no token string that both output heads have a row "
+            "for; SRA's logit term needs some"
         )
-    s_ids, t_ids = zip(*pairs)
+    s_ids, t_ids = zip(*kept)
     return np.asarray(s_ids, dtype=np.int64), np.asarray(t_ids, dtype=np.int64)

@@ -378,7 +378,10 @@ def build_distiller(cfg: TrainConfig, objective, student: nn.Module, cache, mine
         from student_train.align import shared_vocab
 
         pair = shared_vocab(
-            cache.load_teacher_tokenizer(cfg.data.teacher_tokenizer), load_student_tokenizer(cfg)
+            cache.load_teacher_tokenizer(cfg.data.teacher_tokenizer),
+            load_student_tokenizer(cfg),
+            student_rows=student.get_output_embeddings().weight.shape[0],
+            teacher_rows=t_head.shape[0],
         )
         distiller.teacher["shared_vocab"] = tuple(torch.from_numpy(a) for a in pair)
     return distiller

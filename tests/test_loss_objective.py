@@ -389,6 +389,20 @@ def test_value_errors():
     with pytest.raises(ValueError, match="dtw_embed"):
         torch.manual_seed(0)
         run(PRESETS["dwa_kd"], t, Projectors(6, 10, dtw_embed=False))
+    # SRA's shared vocabulary: both id lists in range of their heads, the same length
+    sra = ObjectiveConfig.preset("sra")
+    pairs = len(sra.sra_teacher_layers)
+    sra_proj = make_projectors(sra_pairs=pairs)
+    assert torch.isfinite(run(sra, add_sra(make_tensors(), pairs), sra_proj).total)
+    for bad, match in [
+        ((torch.tensor([0, 23]), torch.tensor([0, 1])), r"shared_vocab\[0\] \(student\) has ids"),
+        ((torch.tensor([0, 1]), torch.tensor([0, 29])), r"shared_vocab\[1\] \(teacher\) has ids"),
+        ((torch.tensor([0, 1]), torch.tensor([0])), "shared_vocab must be"),
+    ]:
+        t = add_sra(make_tensors(), pairs)
+        t["shared_vocab"] = bad
+        with pytest.raises(ValueError, match=match):
+            run(sra, t, sra_proj)
     # SFT needs nothing from the teacher
     sft = ObjectiveInputs(student_logits=t["student_logits"], student_labels=t["student_labels"])
     assert torch.isfinite(compute_objective(PRESETS["sft"], sft).total)

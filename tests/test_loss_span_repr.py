@@ -297,3 +297,24 @@ def test_identical_student_gives_zero_and_empty_batches_are_finite():
     c["t_ids"] = torch.full_like(c["t_ids"], -1)
     empty = _ours(c)
     assert all(float(v) == 0.0 for v in empty.values())
+
+
+def test_shared_vocab_keeps_only_ids_both_heads_have_rows_for(gpt2_tokenizer, mistral_tokenizer, caplog):
+    from student_train.align import shared_vocab
+
+    s_ids, t_ids = shared_vocab(mistral_tokenizer, gpt2_tokenizer)
+    assert len(s_ids) == len(t_ids) > 0 and (s_ids[1:] > s_ids[:-1]).all()
+    s_vocab, t_vocab = gpt2_tokenizer.get_vocab(), mistral_tokenizer.get_vocab()
+    inv_s = {i: tok for tok, i in s_vocab.items()}
+    assert all(t_vocab[inv_s[int(s)]] == int(t) for s, t in zip(s_ids, t_ids))
+    # heads smaller than the tokenizers (added tokens past the head): those pairs leave, and the log says so
+    s_rows, t_rows = int(s_ids[len(s_ids) // 2]), int(t_ids.max())
+    with caplog.at_level("WARNING", logger="student_train.align"):
+        s_cut, t_cut = shared_vocab(
+            mistral_tokenizer, gpt2_tokenizer, student_rows=s_rows, teacher_rows=t_rows
+        )
+    keep = (s_ids < s_rows) & (t_ids < t_rows)
+    assert (s_cut == s_ids[keep]).all() and (t_cut == t_ids[keep]).all() and 0 < len(s_cut) < len(s_ids)
+    assert f"{len(s_ids) - len(s_cut)} of {len(s_ids)} shared token strings" in caplog.text
+    with pytest.raises(ValueError, match="share no token string that both output heads"):
+        shared_vocab(mistral_tokenizer, gpt2_tokenizer, student_rows=int(s_ids.min()))

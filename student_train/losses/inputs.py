@@ -225,6 +225,19 @@ class ObjectiveInputs:
                 _check_ids("teacher_input_ids", self.teacher_input_ids[t_mask], v_emb, ignore=False)
         if cfg.check_inputs and self.teacher_head is not None:
             _check_ids("teacher_labels", self.teacher_labels, self.teacher_head.shape[0], ignore=True)
+        if self.shared_vocab is not None:
+            s_ids, t_ids = self.shared_vocab
+            if s_ids.dim() != 1 or tuple(t_ids.shape) != tuple(s_ids.shape):
+                raise ValueError(
+                    "shared_vocab must be (student ids [S], teacher ids [S]), got shapes "
+                    f"{tuple(s_ids.shape)} and {tuple(t_ids.shape)}"
+                )
+            _expect_int("shared_vocab[0] (student)", s_ids)
+            _expect_int("shared_vocab[1] (teacher)", t_ids)
+            if cfg.check_inputs:
+                _check_ids("shared_vocab[0] (student)", s_ids, v_s, ignore=False)
+                if self.teacher_head is not None:
+                    _check_ids("shared_vocab[1] (teacher)", t_ids, self.teacher_head.shape[0], ignore=False)
 
     def _validate_spans(self, cfg: ObjectiveConfig, bsz: int, n: int) -> None:
         pairs = len(cfg.span_teacher_layers)
