@@ -214,6 +214,40 @@ def head_stats(
     return torch.cat(ids), torch.cat(lps), torch.cat(lses), torch.cat(ents)
 
 
+def _attention_blocks(model, depth: int) -> tuple[list[torch.nn.Module], int] | None:
+    """The ``depth`` attention modules of ``model``'s decoder in block order and the index of the attention
+    probabilities in their output tuple, matched as transformers' output recorder matches them (the model's
+    ``_can_record_outputs["attentions"]``). ``None`` when the model declares none or the count differs."""
+    from transformers.utils.output_capturing import OutputRecorder
+
+    spec = None
+    for owner in (model.base_model, model):
+        spec = (getattr(type(owner), "_can_record_outputs", None) or {}).get("attentions") or spec
+        if spec is not None:
+            break
+    if isinstance(spec, list):
+        spec = spec[0] if len(spec) == 1 else None
+    if spec is None:
+        return None
+    if not isinstance(spec, OutputRecorder):
+        spec = OutputRecorder(
+            target_class=None if isinstance(spec, str) else spec,
+            index=1,
+            class_name=spec if isinstance(spec, str) else None,
+        )
+    layer = "." + spec.layer_name.strip(".") + "." if spec.layer_name else None
+    modules = [
+        module
+        for name, module in model.base_model.named_modules(prefix="")
+        if (
+            (spec.target_class is not None and isinstance(module, spec.target_class))
+            or (spec.class_name is not None and name.endswith(spec.class_name))
+        )
+        and (layer is None or layer in "." + name + ".")
+    ]
+    return (modules, spec.index) if len(modules) == depth else None
+
+
 @torch.no_grad()
 def teacher_forward(
     model,
@@ -223,6 +257,7 @@ def teacher_forward(
     chunk: int = 256,
     layers: tuple[int, ...] = (),
     salience: tuple[int, ...] = (),
+    salience_via: Literal["hooks", "outputs"] = "hooks",
 ):
     """Run the teacher's decoder stack and derive the cached statistics from hidden x head.
 
@@ -232,28 +267,50 @@ def teacher_forward(
         layers: intermediate layers to return besides the final state (HF ``hidden_states`` indices).
         salience: layers (-1 = final, n >= 1) whose :func:`attention_salience` to return; needs a model
             with eager attention (``model.set_attn_implementation("eager")``).
+        salience_via: ``hooks`` (default) reduces each asked-for block's attention map to its salience as the
+            block runs, found the way transformers' own output recorder finds attention modules; ``outputs``
+            asks the model for every block's map (``output_attentions``), which keeps depth x ``[B, H, P, P]``
+            alive. ``hooks`` falls back to ``outputs`` for a model whose attention modules it cannot find.
 
     Returns:
         :class:`TeacherOutputs` (padded positions hold zeros in the head statistics and garbage in
         ``hidden``; callers slice by length).
     """
-    base = model.base_model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        output_hidden_states=bool(layers),
-        output_attentions=bool(salience),
-    )
-    sal = {}
-    if salience:
-        if not base.attentions:
-            raise TeacherError(
-                "the teacher returned no attention probabilities; load it with eager attention for cache.salience"
-            )
-        depth = len(base.attentions)  # layer n (HF hidden_states[n]) is the output of block n - 1
-        sal = {
-            n: attention_salience(base.attentions[(depth if n == -1 else n) - 1], attention_mask)
-            for n in salience
-        }
+    depth = model.config.get_text_config().num_hidden_layers
+    blocks = {(depth if n == -1 else n) - 1: n for n in salience}  # layer n is the output of block n - 1
+    found = _attention_blocks(model, depth) if salience and salience_via == "hooks" else None
+    sal: dict[int, torch.Tensor] = {}
+    handles = []
+    if (
+        found is not None
+    ):  # each asked-for block's map is reduced as it is made: one [B, H, P, P] alive at a time
+        modules, index = found
+
+        def keep(n: int):
+            def hook(_module, _args, output):
+                weights = output[index] if isinstance(output, tuple) and len(output) > index else None
+                if weights is not None:
+                    sal[n] = attention_salience(weights, attention_mask)
+
+            return hook
+
+        handles = [modules[b].register_forward_hook(keep(n)) for b, n in blocks.items()]
+    try:
+        base = model.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=bool(layers),
+            output_attentions=bool(salience) and found is None,
+        )
+    finally:
+        for h in handles:
+            h.remove()
+    if salience and found is None and base.attentions:  # the fallback: every block's map kept to the end
+        sal = {n: attention_salience(base.attentions[b], attention_mask) for b, n in blocks.items()}
+    if len(sal) < len(blocks):
+        raise TeacherError(
+            "the teacher returned no attention probabilities; load it with eager attention for cache.salience"
+        )
     hidden = base.last_hidden_state
     head = model.get_output_embeddings()
     bsz, p, d = hidden.shape

@@ -117,6 +117,57 @@ def test_hidden_dtype_fidelity(tiny_llama_dir, dtype, max_kl):
     assert set(HIDDEN_DTYPES) == {"float32", "float16", "bfloat16", "int8"}
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_salience_hooks_keep_one_attention_map_and_equal_the_full_maps(arch, tmp_path, mistral_tokenizer):
+    """teacher_forward's salience by hooks (each asked-for block reduced as it runs) equals the salience of the
+    maps the model returns with output_attentions, on a right-padded batch; the hook path never asks the model
+    for the maps (which keeps one [B, H, P, P] per block); a model without eager attention is refused."""
+    from pipeline.tiny import save_tiny_model
+    from teacher_cache.teacher import _attention_blocks, teacher_forward
+
+    model = load_teacher(
+        TeacherConfig(path=str(save_tiny_model(tmp_path / arch, arch, mistral_tokenizer, layers=3)))
+    )
+    model.set_attn_implementation("eager")
+    depth = model.config.num_hidden_layers
+    modules, index = _attention_blocks(model, depth)
+    assert len(modules) == depth and len({id(m) for m in modules}) == depth and index == 1
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (3, 17))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[2, 4:] = 0
+
+    def ours() -> list[str]:  # transformers installs its own recorders on these modules too
+        return [
+            f.__qualname__
+            for m in modules
+            for f in m._forward_hooks.values()
+            if "teacher_forward" in f.__qualname__
+        ]
+
+    asked = []
+    forward = model.base_model.forward
+    model.base_model.forward = lambda *a, **k: (asked.append(k.get("output_attentions")), forward(*a, **k))[1]
+    hooks = teacher_forward(model, ids, mask, top_k=4, layers=(1,), salience=(1, 2, -1))
+    full = teacher_forward(
+        model, ids, mask, top_k=4, layers=(1,), salience=(1, 2, -1), salience_via="outputs"
+    )
+    assert asked == [False, True]
+    assert sorted(hooks.salience) == [-1, 1, 2]
+    for n in (1, 2, -1):
+        torch.testing.assert_close(hooks.salience[n], full.salience[n], rtol=0, atol=0)
+        assert torch.allclose(hooks.salience[n].sum(-1), torch.ones(3))
+        assert (hooks.salience[n][mask == 0] == 0).all()
+    assert not torch.equal(hooks.salience[1], hooks.salience[-1])
+    assert torch.equal(hooks.hidden, full.hidden) and torch.equal(hooks.layers[1], full.layers[1])
+    assert not ours()  # removed after the forward
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(TeacherError, match="eager attention"):
+        teacher_forward(model, ids, mask, top_k=4, salience=(-1,))
+    assert not ours()
+
+
 @pytest.mark.parametrize(
     "dtype,layers", [(d, ()) for d in HIDDEN_DTYPES] + [("int8", (0, 3)), ("bfloat16", (2,))]
 )
@@ -537,6 +588,7 @@ def test_ray_job_submit_against_a_local_head(tmp_path, synthetic_jsonl, tiny_lla
     env.pop("RAY_ADDRESS", None)
     out = tmp_path / "cache"
     cfg = _write_yaml(tmp_path / "job.yaml", synthetic_jsonl, tiny_llama_dir, out, rows_per_shard=16, batch=4)
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: AF_UNIX paths <= 107 bytes
     start = subprocess.run(
         [
             ray_bin,
@@ -547,7 +599,7 @@ def test_ray_job_submit_against_a_local_head(tmp_path, synthetic_jsonl, tiny_lla
             "--dashboard-host=127.0.0.1",
             "--num-cpus=2",
             "--include-dashboard=true",
-            f"--temp-dir={tempfile.mkdtemp(prefix='ray', dir='/tmp')}",  # short: AF_UNIX paths <= 107 bytes
+            f"--temp-dir={ray_tmp}",
         ],
         env=env,
         capture_output=True,
@@ -570,6 +622,7 @@ def test_ray_job_submit_against_a_local_head(tmp_path, synthetic_jsonl, tiny_lla
         assert "succeeded" in sub.stdout
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     cache = open_cache(str(out), expect={"teacher_name": str(tiny_llama_dir)}, verify=True)
     model = load_teacher(TeacherConfig(path=str(tiny_llama_dir)))
     head, _ = cache.load_head()
