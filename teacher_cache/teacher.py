@@ -299,7 +299,9 @@ def teacher_forward(
         base = model.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            output_hidden_states=bool(layers),
+            # the indices asked for: transformers keeps only those (a model that takes the list as a flag
+            # returns them all, indexed the same)
+            output_hidden_states=sorted(set(layers)) if layers else False,
             output_attentions=bool(salience) and found is None,
         )
     finally:

@@ -161,6 +161,9 @@ def test_salience_hooks_keep_one_attention_map_and_equal_the_full_maps(arch, tmp
         assert (hooks.salience[n][mask == 0] == 0).all()
     assert not torch.equal(hooks.salience[1], hooks.salience[-1])
     assert torch.equal(hooks.hidden, full.hidden) and torch.equal(hooks.layers[1], full.layers[1])
+    with torch.no_grad():  # only the asked-for hidden states are kept, and they are the model's own
+        every = forward(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    assert torch.equal(hooks.layers[1], every[1])
     assert not ours()  # removed after the forward
     model.set_attn_implementation("sdpa")
     with pytest.raises(TeacherError, match="eager attention"):
