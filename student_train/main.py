@@ -37,6 +37,7 @@ from student_train.trainer import (
     init_distributed,
     load_checkpoint,
     make_optimizer,
+    objective_record,
     resume_safe,
     save_checkpoint,
 )
@@ -90,8 +91,13 @@ def main(argv=None) -> int:
         "config_hash": config_hash({k: v for k, v in settings.items() if not resume_safe(k)}),
         "cache_fingerprint": cache.manifest.job_fingerprint if cache else None,
     }
+    trained_objective = objective_record(
+        objective
+    )  # the resolved objective: a default moved by an upgrade is seen
     cursor = (
-        load_checkpoint(engine, ckpt_dir, identity, settings) if cfg.output.resume else None
+        load_checkpoint(engine, ckpt_dir, identity, settings, trained_objective)
+        if cfg.output.resume
+        else None
     ) or Cursor()
     metrics = MetricsLog(out) if rank == 0 else None
     if rank == 0:  # what this run resolved, for operators and for the next resume
@@ -106,7 +112,9 @@ def main(argv=None) -> int:
         )
 
     def save():
-        save_checkpoint(engine, ckpt_dir, cursor, {**identity, "settings": settings})
+        save_checkpoint(
+            engine, ckpt_dir, cursor, {**identity, "settings": settings, "objective": trained_objective}
+        )
 
     # the loop: one optimizer step per grad_accum micro-batches, a metrics line every log_every steps
     trainer = Trainer(

@@ -342,9 +342,57 @@ def changed_settings(before: dict, now: dict, defaults: dict) -> dict[str, tuple
     return changed
 
 
-def load_checkpoint(engine, ckpt_dir: Path, expect: dict, settings: dict | None = None) -> Cursor | None:
-    """Resume from ``ckpt_dir/latest`` if present; refuses a checkpoint of another config or cache, and any
-    file that would unpickle more than tensors and the few DeepSpeed types of ``checkpoint_safe_globals``."""
+ABSENT_MEANT = {"teacher_entropy": "head"}
+"""What an objective field meant in a checkpoint written before the field existed, where a default that differs
+came with the field (eq 14's teacher entropy was rebuilt from the head until ``teacher_entropy`` came, with
+``cache`` as its default). Any other field added later reproduces the old behaviour at its default."""
+
+
+def changed_objective(before: dict, now: dict) -> dict[str, tuple]:
+    """``{"objective.<field>": (checkpoint's value, this run's value)}`` for every field of the resolved
+    objective (:class:`ObjectiveConfig` as a dict, preset and overrides applied) that differs: a default moved
+    by a newer release shows here even though the run's own settings did not change."""
+    changed = {}
+    for key, value in now.items():
+        if key in before:
+            was, shown = before[key], before[key]
+        else:
+            was = ABSENT_MEANT.get(key, value)
+            shown = f"<absent: {was!r}>"
+        if was != value:
+            changed[f"objective.{key}"] = (shown, value)
+    return changed
+
+
+def objective_record(objective) -> dict:
+    """The resolved objective as a checkpoint stores it (plain values: the weights-only loader reads it)."""
+    import dataclasses
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(objective).items()}
+
+
+def checkpoint_objective(client: dict, before: dict) -> dict | None:
+    """The resolved objective a checkpoint trained: its record, or for a checkpoint written before checkpoints
+    recorded it, its settings resolved by this code with the fields added since as :data:`ABSENT_MEANT` says
+    they were. ``None`` when those settings no longer resolve (a key removed since)."""
+    from student_train.losses.config import ObjectiveConfig
+
+    if isinstance(client.get("objective"), dict):
+        return client["objective"]
+    values = {k.removeprefix("objective."): v for k, v in before.items() if k.startswith("objective.")}
+    legacy = {k: v for k, v in ABSENT_MEANT.items() if k not in values}
+    try:
+        return objective_record(ObjectiveConfig.from_dict({"check_inputs": False, **legacy, **values}))
+    except ValueError:
+        return None
+
+
+def load_checkpoint(
+    engine, ckpt_dir: Path, expect: dict, settings: dict | None = None, objective: dict | None = None
+) -> Cursor | None:
+    """Resume from ``ckpt_dir/latest`` if present; refuses a checkpoint of another config or cache (its settings,
+    and its resolved ``objective`` record against this run's when it has one), and any file that would
+    unpickle more than tensors and the few DeepSpeed types of ``checkpoint_safe_globals``."""
     if not (ckpt_dir / "latest").exists():
         return None
     verify_checksums(ckpt_dir / (ckpt_dir / "latest").read_text().strip())
@@ -359,6 +407,10 @@ def load_checkpoint(engine, ckpt_dir: Path, expect: dict, settings: dict | None 
         changed, blocking = {}, [k for k, v in expect.items() if client.get(k) != v]
     else:
         changed = changed_settings(before, settings, default_settings())
+        trained = checkpoint_objective(client, before) if objective is not None else None
+        if trained is not None:  # the objective compared as resolved, not as written
+            changed = {k: c for k, c in changed.items() if not k.startswith("objective.")}
+            changed.update(changed_objective(trained, objective))
         blocking = [k for k in changed if not resume_safe(k)]
         blocking += [k for k, v in expect.items() if k != "config_hash" and client.get(k) != v]
     if blocking:

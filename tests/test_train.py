@@ -586,12 +586,32 @@ def test_resume_accepts_a_longer_run_and_names_what_else_changed(tmp_path, cache
         _args(student_dir, cache_dir, out, *base, "train.max_steps=3", "objective.teacher_chunk_size=7"), 1
     )
     assert "resuming at step 2" in res.stdout and "train.max_steps: 2 -> 3" in res.stdout
-    assert "objective.teacher_chunk_size: '<absent>' -> 7" in res.stdout
+    assert "objective.teacher_chunk_size: 0 -> 7" in res.stdout
     assert [r["step"] for r in _metrics(out)] == [1, 2, 3]
     res = launch(
         _args(student_dir, cache_dir, out, *base, "train.max_steps=4", "optim.lr=0.1"), 1, check=False
     )
     assert res.returncode != 0 and "optim.lr: 0.0005 -> 0.1" in res.stderr
+    # a checkpoint of an older release, written before `teacher_entropy` existed (its record lacks the field;
+    # the checksum is rewritten as that release would have written it): the moved default is refused by name,
+    # and the old behaviour asked for explicitly resumes
+    import hashlib
+
+    state = out / "checkpoints" / "step-0000003" / "mp_rank_00_model_states.pt"
+    client = torch.load(state, weights_only=False)
+    assert client["objective"]["teacher_entropy"] == "cache" and client["objective"]["method"] == "dwa_kd"
+    del client["objective"]["teacher_entropy"]
+    torch.save(client, state)
+    for part in (state.parent / "xtokd_checksums").glob("rank-*.json"):
+        sums = json.loads(part.read_text())
+        sums[state.name] = hashlib.sha256(state.read_bytes()).hexdigest()
+        part.write_text(json.dumps(sums))
+    res = launch(_args(student_dir, cache_dir, out, *base, "train.max_steps=4"), 1, check=False)
+    assert res.returncode != 0 and "objective.teacher_entropy: \"<absent: 'head'>\" -> 'cache'" in res.stderr
+    res = launch(
+        _args(student_dir, cache_dir, out, *base, "train.max_steps=4", "objective.teacher_entropy=head"), 1
+    )
+    assert "resuming at step 3" in res.stdout and [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
 
 
 @pytest.mark.slow
@@ -735,3 +755,28 @@ def test_approximate_teacher_kl_benchmark_is_exact_with_the_whole_vocabulary(cac
     diff = float(re.search(r"max \|diff\| ([0-9.]+) nats", res.stdout).group(1))
     assert diff < 1e-3
     assert "| sampled 100000 |" in res.stdout and "| exact (auto chunk) |" in res.stdout
+
+
+def test_a_moved_default_is_seen_on_resume_through_the_resolved_objective():
+    """A checkpoint records the objective it trained, resolved; a field it lacks counts as ABSENT_MEANT says
+    (eq 14's entropy came from the head before `teacher_entropy` existed), any other absent field as its value
+    now; a checkpoint from before the record is resolved from its settings the same way."""
+    from student_train.losses.config import ObjectiveConfig
+    from student_train.trainer import ABSENT_MEANT, changed_objective, checkpoint_objective, objective_record
+
+    now = objective_record(
+        ObjectiveConfig.from_dict({"preset": "dwa_kd", "check_inputs": False})
+    )  # as trained
+    assert now["teacher_entropy"] == "cache" and isinstance(now["span_teacher_layers"], list)
+    assert changed_objective(dict(now), now) == {}
+    old = {k: v for k, v in now.items() if k not in ("teacher_entropy", "teacher_kl")}
+    assert changed_objective(old, now) == {"objective.teacher_entropy": ("<absent: 'head'>", "cache")}
+    assert changed_objective(old, {**now, "teacher_entropy": "head"}) == {}
+    assert changed_objective({**now, "kd_temperature": 1.0}, now) == {"objective.kd_temperature": (1.0, 2.0)}
+    # before the record: the settings resolved, with the fields added since as they were then
+    assert checkpoint_objective({"objective": old}, {}) is old
+    legacy = checkpoint_objective({}, {"objective.preset": "dwa_kd", "train.seed": 1})
+    assert legacy["teacher_entropy"] == ABSENT_MEANT["teacher_entropy"] == "head"
+    assert changed_objective(legacy, now) == {"objective.teacher_entropy": ("head", "cache")}
+    assert checkpoint_objective({}, {"objective.preset": "sft"})["method"] == "sft"
+    assert checkpoint_objective({}, {"objective.preset": "dwa_kd", "objective.gone_key": 1}) is None
