@@ -342,16 +342,31 @@ def changed_settings(before: dict, now: dict, defaults: dict) -> dict[str, tuple
     return changed
 
 
-ABSENT_MEANT = {"teacher_entropy": "head"}
-"""What an objective field meant in a checkpoint written before the field existed, where a default that differs
-came with the field (eq 14's teacher entropy was rebuilt from the head until ``teacher_entropy`` came, with
-``cache`` as its default). Any other field added later reproduces the old behaviour at its default."""
+ABSENT_MEANT: dict = {}
+"""What an objective field meant in a checkpoint whose record lacks it (written before the field existed), where
+the field came with a default that differs from the old behaviour; any field not listed reproduced the old
+behaviour at its default. Empty so far: the record came after the last such field (``teacher_entropy``)."""
+
+BEFORE_RECORD = {
+    "teacher_entropy": (
+        "eq 14's teacher entropy was rebuilt from the head before b20a1dd (session 7) and read from the cache "
+        "from then on",
+        lambda r: r.get("lambda_kd", 0) > 0 and bool(r.get("entropy_weighting")),
+    ),
+}
+"""Fields whose value a checkpoint written before checkpoints recorded their objective cannot tell (its default
+moved while the settings did not say it): ``field -> (what it was when, whether it changes this objective)``.
+Resuming such a checkpoint with an objective where the field matters needs the field set explicitly."""
+
+
+def _matters(key: str, record: dict) -> bool:
+    return key not in BEFORE_RECORD or BEFORE_RECORD[key][1](record)
 
 
 def changed_objective(before: dict, now: dict) -> dict[str, tuple]:
     """``{"objective.<field>": (checkpoint's value, this run's value)}`` for every field of the resolved
-    objective (:class:`ObjectiveConfig` as a dict, preset and overrides applied) that differs: a default moved
-    by a newer release shows here even though the run's own settings did not change."""
+    objective (:class:`ObjectiveConfig` as a dict, preset and overrides applied) that differs and changes the
+    loss: a default moved by a newer release shows here although the run's own settings did not change."""
     changed = {}
     for key, value in now.items():
         if key in before:
@@ -359,7 +374,7 @@ def changed_objective(before: dict, now: dict) -> dict[str, tuple]:
         else:
             was = ABSENT_MEANT.get(key, value)
             shown = f"<absent: {was!r}>"
-        if was != value:
+        if was != value and (_matters(key, before) or _matters(key, now)):
             changed[f"objective.{key}"] = (shown, value)
     return changed
 
@@ -371,20 +386,28 @@ def objective_record(objective) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(objective).items()}
 
 
-def checkpoint_objective(client: dict, before: dict) -> dict | None:
-    """The resolved objective a checkpoint trained: its record, or for a checkpoint written before checkpoints
-    recorded it, its settings resolved by this code with the fields added since as :data:`ABSENT_MEANT` says
-    they were. ``None`` when those settings no longer resolve (a key removed since)."""
+def checkpoint_objective(client: dict, before: dict, now_settings: dict) -> tuple[dict | None, dict]:
+    """The resolved objective a checkpoint trained, and ``{"objective.<field>": (what it cannot tell, hint)}``
+    for the :data:`BEFORE_RECORD` fields it leaves open. A checkpoint's record is taken when it has the shape of
+    one; a checkpoint from before the record has its settings resolved by this code, taking this run's word
+    (``now_settings``) for the open fields it sets. ``(None, {})`` when those settings no longer resolve."""
     from student_train.losses.config import ObjectiveConfig
 
-    if isinstance(client.get("objective"), dict):
-        return client["objective"]
+    record = client.get("objective")
+    if isinstance(record, dict) and "method" in record and all(isinstance(k, str) for k in record):
+        return record, {}
     values = {k.removeprefix("objective."): v for k, v in before.items() if k.startswith("objective.")}
-    legacy = {k: v for k, v in ABSENT_MEANT.items() if k not in values}
+    told = {k: now_settings[f"objective.{k}"] for k in BEFORE_RECORD if f"objective.{k}" in now_settings}
     try:
-        return objective_record(ObjectiveConfig.from_dict({"check_inputs": False, **legacy, **values}))
+        resolved = objective_record(ObjectiveConfig.from_dict({"check_inputs": False, **values, **told}))
     except ValueError:
-        return None
+        return None, {}
+    open_ = {
+        f"objective.{k}": (f"<unknown: {when}>", f"set objective.{k}= to what the checkpoint trained with")
+        for k, (when, matters) in BEFORE_RECORD.items()
+        if k not in values and k not in told and matters(resolved)
+    }
+    return resolved, open_
 
 
 def load_checkpoint(
@@ -402,15 +425,18 @@ def load_checkpoint(
         raise RuntimeError(
             f"{ckpt_dir}: 'latest' exists but the checkpoint could not be loaded; delete it to start over"
         )
-    before = client.get("settings")
+    before, open_ = client.get("settings"), {}
     if before is None or settings is None:  # a checkpoint without its settings: only the identity hash
         changed, blocking = {}, [k for k, v in expect.items() if client.get(k) != v]
     else:
         changed = changed_settings(before, settings, default_settings())
-        trained = checkpoint_objective(client, before) if objective is not None else None
+        trained, open_ = checkpoint_objective(client, before, settings) if objective else (None, {})
         if trained is not None:  # the objective compared as resolved, not as written
             changed = {k: c for k, c in changed.items() if not k.startswith("objective.")}
             changed.update(changed_objective(trained, objective))
+            changed.update(
+                {k: (unknown, objective[k[len("objective.") :]]) for k, (unknown, _) in open_.items()}
+            )
         blocking = [k for k in changed if not resume_safe(k)]
         blocking += [k for k, v in expect.items() if k != "config_hash" and client.get(k) != v]
     if blocking:
@@ -418,8 +444,9 @@ def load_checkpoint(
             f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" if k in changed else f"{k}={client.get(k)!r}"
             for k in blocking
         )
+        hints = "".join(f"; {k}: {hint}" for k, (_, hint) in open_.items() if k in blocking)
         raise RuntimeError(
-            f"{path}: this run differs from the checkpoint's in what it trains ({what}); use another "
+            f"{path}: this run differs from the checkpoint's in what it trains ({what}){hints}; use another "
             "output.dir, or set output.resume=false to start fresh"
         )
     safe = {k: c for k, c in changed.items() if resume_safe(k) and not k.startswith("output.")}

@@ -248,6 +248,12 @@ def _attention_blocks(model, depth: int) -> tuple[list[torch.nn.Module], int] | 
     return (modules, spec.index) if len(modules) == depth else None
 
 
+def _is_attention_map(t, input_ids: torch.Tensor) -> bool:
+    """``t`` is a ``[B, H, P, P]`` tensor of attention probabilities for ``input_ids`` ``[B, P]``."""
+    bsz, p = input_ids.shape
+    return isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[0] == bsz and tuple(t.shape[2:]) == (p, p)
+
+
 @torch.no_grad()
 def teacher_forward(
     model,
@@ -277,25 +283,30 @@ def teacher_forward(
         ``hidden``; callers slice by length).
     """
     depth = model.config.get_text_config().num_hidden_layers
-    blocks = {(depth if n == -1 else n) - 1: n for n in salience}  # layer n is the output of block n - 1
+    bad = [n for n in salience if not (n == -1 or 1 <= n <= depth)]
+    if bad:  # layer 0 (the embeddings) comes from no attention block
+        raise TeacherError(
+            f"salience layers {bad} out of range; this teacher has {depth} blocks (1..{depth}, -1)"
+        )
+    blocks: dict[int, list[int]] = {}  # block -> the layer names asked for it (n and -1 may name the same)
+    for n in dict.fromkeys(salience):
+        blocks.setdefault((depth if n == -1 else n) - 1, []).append(n)  # layer n is the output of block n - 1
     found = _attention_blocks(model, depth) if salience and salience_via == "hooks" else None
-    sal: dict[int, torch.Tensor] = {}
+    maps: dict[int, torch.Tensor] = {}
     handles = []
-    if (
-        found is not None
-    ):  # each asked-for block's map is reduced as it is made: one [B, H, P, P] alive at a time
-        modules, index = found
-
-        def keep(n: int):
-            def hook(_module, _args, output):
-                weights = output[index] if isinstance(output, tuple) and len(output) > index else None
-                if weights is not None:
-                    sal[n] = attention_salience(weights, attention_mask)
-
-            return hook
-
-        handles = [modules[b].register_forward_hook(keep(n)) for b, n in blocks.items()]
     try:
+        if found is not None:  # each asked-for block's map is reduced as it is made: one alive at a time
+            modules, index = found
+
+            def keep(block: int):
+                def hook(_module, _args, output):
+                    weights = output[index] if isinstance(output, tuple) and len(output) > index else output
+                    if _is_attention_map(weights, input_ids):
+                        maps[block] = attention_salience(weights, attention_mask)
+
+                return hook
+
+            handles = [modules[b].register_forward_hook(keep(b)) for b in blocks]
         base = model.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -308,11 +319,17 @@ def teacher_forward(
         for h in handles:
             h.remove()
     if salience and found is None and base.attentions:  # the fallback: every block's map kept to the end
-        sal = {n: attention_salience(base.attentions[b], attention_mask) for b, n in blocks.items()}
-    if len(sal) < len(blocks):
+        if len(base.attentions) != depth:
+            raise TeacherError(
+                f"the teacher returned {len(base.attentions)} attention maps for {depth} blocks (a hybrid model "
+                "with blocks without attention?); cache.salience cannot tell which block made which map"
+            )
+        maps = {b: attention_salience(base.attentions[b], attention_mask) for b in blocks}
+    if len(maps) < len(blocks):
         raise TeacherError(
             "the teacher returned no attention probabilities; load it with eager attention for cache.salience"
         )
+    sal = {n: maps[b] for b, names in blocks.items() for n in names}
     hidden = base.last_hidden_state
     head = model.get_output_embeddings()
     bsz, p, d = hidden.shape

@@ -165,7 +165,14 @@ def test_salience_hooks_keep_one_attention_map_and_equal_the_full_maps(arch, tmp
         every = forward(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
     assert torch.equal(hooks.layers[1], every[1])
     assert not ours()  # removed after the forward
-    model.set_attn_implementation("sdpa")
+    # the last block named twice (3 and -1): both names, one map
+    both = teacher_forward(model, ids, mask, top_k=4, salience=(depth, -1))
+    assert sorted(both.salience) == [-1, depth] and torch.equal(both.salience[depth], hooks.salience[-1])
+    for wrong in ((1, depth + 1), (0,)):  # refused before any hook is placed
+        with pytest.raises(TeacherError, match=r"salience layers \[\d+\] out of range"):
+            teacher_forward(model, ids, mask, top_k=4, salience=wrong)
+        assert not ours()
+    model.set_attn_implementation("sdpa")  # no maps: refused, and the hooks are gone
     with pytest.raises(TeacherError, match="eager attention"):
         teacher_forward(model, ids, mask, top_k=4, salience=(-1,))
     assert not ours()

@@ -592,25 +592,25 @@ def test_resume_accepts_a_longer_run_and_names_what_else_changed(tmp_path, cache
         _args(student_dir, cache_dir, out, *base, "train.max_steps=4", "optim.lr=0.1"), 1, check=False
     )
     assert res.returncode != 0 and "optim.lr: 0.0005 -> 0.1" in res.stderr
-    # a checkpoint of an older release, written before `teacher_entropy` existed (its record lacks the field;
-    # the checksum is rewritten as that release would have written it): the moved default is refused by name,
-    # and the old behaviour asked for explicitly resumes
+    # a checkpoint of an older release, from before checkpoints recorded their objective (the record taken out,
+    # the checksum rewritten as that release wrote it): eq 14's entropy source is not known (its default moved
+    # meanwhile), so the resume is refused naming it, and resumes once the run says it
     import hashlib
 
     state = out / "checkpoints" / "step-0000003" / "mp_rank_00_model_states.pt"
     client = torch.load(state, weights_only=False)
     assert client["objective"]["teacher_entropy"] == "cache" and client["objective"]["method"] == "dwa_kd"
-    del client["objective"]["teacher_entropy"]
+    del client["objective"]
     torch.save(client, state)
     for part in (state.parent / "xtokd_checksums").glob("rank-*.json"):
         sums = json.loads(part.read_text())
         sums[state.name] = hashlib.sha256(state.read_bytes()).hexdigest()
         part.write_text(json.dumps(sums))
     res = launch(_args(student_dir, cache_dir, out, *base, "train.max_steps=4"), 1, check=False)
-    assert res.returncode != 0 and "objective.teacher_entropy: \"<absent: 'head'>\" -> 'cache'" in res.stderr
-    res = launch(
-        _args(student_dir, cache_dir, out, *base, "train.max_steps=4", "objective.teacher_entropy=head"), 1
-    )
+    assert res.returncode != 0 and "objective.teacher_entropy: \"<unknown: eq 14's teacher entropy" in res.stderr
+    assert "set objective.teacher_entropy= to what the checkpoint trained with" in res.stderr
+    told = "objective.teacher_entropy=cache"
+    res = launch(_args(student_dir, cache_dir, out, *base, "train.max_steps=4", told), 1)
     assert "resuming at step 3" in res.stdout and [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
 
 
@@ -757,26 +757,41 @@ def test_approximate_teacher_kl_benchmark_is_exact_with_the_whole_vocabulary(cac
     assert "| sampled 100000 |" in res.stdout and "| exact (auto chunk) |" in res.stdout
 
 
-def test_a_moved_default_is_seen_on_resume_through_the_resolved_objective():
-    """A checkpoint records the objective it trained, resolved; a field it lacks counts as ABSENT_MEANT says
-    (eq 14's entropy came from the head before `teacher_entropy` existed), any other absent field as its value
-    now; a checkpoint from before the record is resolved from its settings the same way."""
+def test_a_moved_default_is_seen_on_resume_through_the_resolved_objective(monkeypatch):
+    """A checkpoint records the objective it trained, resolved, and a resume compares resolved objectives; a
+    field a record lacks counts as ABSENT_MEANT says, any other as its value now; a checkpoint from before the
+    record is resolved from its settings, and a field whose default moved meanwhile (teacher_entropy) is left
+    open, and must be said, only where it changes the objective."""
     from student_train.losses.config import ObjectiveConfig
     from student_train.trainer import ABSENT_MEANT, changed_objective, checkpoint_objective, objective_record
 
-    now = objective_record(
-        ObjectiveConfig.from_dict({"preset": "dwa_kd", "check_inputs": False})
-    )  # as trained
+    def resolved(preset, **kw):
+        return objective_record(ObjectiveConfig.from_dict({"preset": preset, "check_inputs": False, **kw}))
+
+    now = resolved("dwa_kd")
     assert now["teacher_entropy"] == "cache" and isinstance(now["span_teacher_layers"], list)
     assert changed_objective(dict(now), now) == {}
-    old = {k: v for k, v in now.items() if k not in ("teacher_entropy", "teacher_kl")}
-    assert changed_objective(old, now) == {"objective.teacher_entropy": ("<absent: 'head'>", "cache")}
-    assert changed_objective(old, {**now, "teacher_entropy": "head"}) == {}
     assert changed_objective({**now, "kd_temperature": 1.0}, now) == {"objective.kd_temperature": (1.0, 2.0)}
-    # before the record: the settings resolved, with the fields added since as they were then
-    assert checkpoint_objective({"objective": old}, {}) is old
-    legacy = checkpoint_objective({}, {"objective.preset": "dwa_kd", "train.seed": 1})
-    assert legacy["teacher_entropy"] == ABSENT_MEANT["teacher_entropy"] == "head"
-    assert changed_objective(legacy, now) == {"objective.teacher_entropy": ("head", "cache")}
-    assert checkpoint_objective({}, {"objective.preset": "sft"})["method"] == "sft"
-    assert checkpoint_objective({}, {"objective.preset": "dwa_kd", "objective.gone_key": 1}) is None
+    # a field a record lacks: its value now, unless ABSENT_MEANT says what it meant (the mechanism, planted)
+    old = {k: v for k, v in now.items() if k != "teacher_kl"}
+    assert changed_objective(old, now) == {}
+    monkeypatch.setitem(ABSENT_MEANT, "teacher_kl", "sampled")
+    assert changed_objective(old, now) == {"objective.teacher_kl": ("<absent: 'sampled'>", "exact")}
+    # where a field does not change the loss it does not count (SFT has no eq 14)
+    assert changed_objective(resolved("sft", teacher_entropy="head"), resolved("sft")) == {}
+    assert changed_objective(resolved("dwa_kd", teacher_entropy="head"), now) == {
+        "objective.teacher_entropy": ("head", "cache")
+    }
+    # a record is taken as it is; a dict of another shape is not a record
+    assert checkpoint_objective({"objective": now}, {}, {}) == (now, {})
+    # before the record: resolved from the settings; teacher_entropy open where eq 14 is on, unless this run says
+    legacy, open_ = checkpoint_objective({"objective": {"step": 3}}, {"objective.preset": "dwa_kd"}, {})
+    assert legacy == now and list(open_) == ["objective.teacher_entropy"]
+    assert "b20a1dd" in open_["objective.teacher_entropy"][0]
+    told = {"objective.preset": "dwa_kd", "objective.teacher_entropy": "head"}
+    legacy, open_ = checkpoint_objective({}, {"objective.preset": "dwa_kd"}, told)
+    assert legacy["teacher_entropy"] == "head" and open_ == {}
+    for preset in ("sft", "dskd", "uld", "sra"):
+        legacy, open_ = checkpoint_objective({}, {"objective.preset": preset}, {})
+        assert legacy == resolved(preset) and open_ == {}, preset
+    assert checkpoint_objective({}, {"objective.preset": "dwa_kd", "objective.gone_key": 1}, {}) == (None, {})

@@ -235,9 +235,11 @@ class ObjectiveInputs:
             _expect_int("shared_vocab[0] (student)", s_ids)
             _expect_int("shared_vocab[1] (teacher)", t_ids)
             if cfg.check_inputs:
-                _check_ids("shared_vocab[0] (student)", s_ids, v_s, ignore=False)
+                hint = "each id must have a row in its output head (student_train.align.shared_vocab keeps those)"
+                _check_ids("shared_vocab[0] (student)", s_ids, v_s, ignore=False, hint=hint)
                 if self.teacher_head is not None:
-                    _check_ids("shared_vocab[1] (teacher)", t_ids, self.teacher_head.shape[0], ignore=False)
+                    v_t = self.teacher_head.shape[0]
+                    _check_ids("shared_vocab[1] (teacher)", t_ids, v_t, ignore=False, hint=hint)
 
     def _validate_spans(self, cfg: ObjectiveConfig, bsz: int, n: int) -> None:
         pairs = len(cfg.span_teacher_layers)
@@ -297,10 +299,12 @@ def _expect_topk(name: str, t: torch.Tensor, bsz: int, m: int) -> None:
         raise ValueError(f"{name} must have shape [B, m, k] with B, m = {bsz}, {m}, got {tuple(t.shape)}")
 
 
-def _check_ids(name: str, ids: torch.Tensor, vocab: int, *, ignore: bool) -> None:
+def _check_ids(name: str, ids: torch.Tensor, vocab: int, *, ignore: bool, hint: str | None = None) -> None:
     valid = ids[ids.ne(IGNORE_INDEX)] if ignore else ids
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab):
+        hint = (
+            hint or f"non-response positions must be {IGNORE_INDEX}, and the tokenizer must match the model"
+        )
         raise ValueError(
-            f"{name} has ids in [{int(valid.min())}, {int(valid.max())}] outside [0, {vocab}); "
-            f"non-response positions must be {IGNORE_INDEX}, and the tokenizer must match the model"
+            f"{name} has ids in [{int(valid.min())}, {int(valid.max())}] outside [0, {vocab}); {hint}"
         )
