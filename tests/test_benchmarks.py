@@ -73,3 +73,33 @@ def test_quality_table_pools_bpb_on_the_common_slice_and_reports_spread():
     cb = summary["sft"]["common_bpb"]
     assert abs(cb[0] - (10 / 9 + 1.0) / 2) < 1e-9
     assert "| sft | 2 | 5.00 ± 1.41 | 6.00 ± 1.41 |" in table and "mean bpb@2" in table
+
+
+def test_answer_length_cuts_answers_to_a_common_length_before_scoring(tmp_path):
+    """answer_length.py: per set, mean words, the share of long answers, ROUGE-L as evaluated and ROUGE-L of the
+    answers cut to their first --cap-words words against the set's own references (matched by sample id)."""
+    import json
+
+    from pipeline.records import sample_id_of
+
+    ref = "the cat sat on the mat"
+    data = tmp_path / "set.jsonl"
+    data.write_text(
+        json.dumps({"prompt": "p1", "output": ref}) + "\n" + json.dumps({"prompt": "p2", "output": "a b"})
+    )
+    sid = sample_id_of("p1", ref)
+    run = tmp_path / "run" / "eval"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"config": {"sets": [{"name": "toy", "path": str(data)}]}}))
+    # a correct answer followed by padding: ROUGE-L as evaluated is low, cut to 6 words it is exact
+    long_answer = ref + " and then" * 20
+    (run / "generations.jsonl").write_text(
+        json.dumps({"set": "toy", "seed": 1, "sample_id": sid, "prediction": long_answer, "rougeL": 1.0})
+        + "\n"
+    )
+    out = _run("benchmarks/answer_length.py", str(run), "--cap-words", "6", "--long-words", "40",
+               "--names", "padded", "--json", str(tmp_path / "f.json"))  # fmt: skip
+    got = json.loads((tmp_path / "f.json").read_text())["padded"]["toy"]
+    assert got["n"] == 1 and got["words"] == 46 and got["long"] == 1.0 and got["rouge"] == 1.0
+    assert abs(got["rouge_capped"] - 100.0) < 1e-9
+    assert "| padded | 46 w, 100% long, 1.00 -> 100.00 |" in out
