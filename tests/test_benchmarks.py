@@ -103,3 +103,32 @@ def test_answer_length_cuts_answers_to_a_common_length_before_scoring(tmp_path):
     assert got["n"] == 1 and got["words"] == 46 and got["long"] == 1.0 and got["rouge"] == 1.0
     assert abs(got["rouge_capped"] - 100.0) < 1e-9
     assert "| padded | 46 w, 100% long, 1.00 -> 100.00 |" in out
+
+
+def test_stop_probability_reads_p_eos_after_the_reference(tmp_path, gpt2_tokenizer):
+    """stop_probability.py: p(EOS) at the position after prompt + first reference, per student; checked against
+    the same forward done here."""
+    import json
+    import math
+
+    import torch
+
+    from pipeline.tiny import save_tiny_model
+
+    student = save_tiny_model(tmp_path / "s", "gpt2", gpt2_tokenizer, hidden=32, layers=1)
+    data = tmp_path / "set.jsonl"
+    recs = [("Say hi.", "hi there"), ("Count.", "one two three")]
+    data.write_text("\n".join(json.dumps({"prompt": p, "output": o}) for p, o in recs))
+    out = _run("benchmarks/stop_probability.py", f"tiny={student}", "--data", str(data), "--n", "2")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(student).eval()
+    want = []
+    for p, o in recs:
+        ids = gpt2_tokenizer(p + o, return_tensors="pt").input_ids
+        with torch.no_grad():
+            want.append(model(ids).logits[0, -1].log_softmax(-1)[gpt2_tokenizer.eos_token_id].item())
+    row = re.search(r"\| tiny \| (-?\d+\.\d\d) \| (\d\.\d\d\d) \|", out)
+    assert row, out
+    assert abs(float(row.group(1)) - sum(want) / 2) < 0.006
+    assert abs(float(row.group(2)) - math.exp(sum(want) / 2)) < 0.0006  # the median of two is their mean
