@@ -79,9 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     sched = Schedule(cache.shard_rows, 0, 1, cfg.train.micro_batch, args.seed, 256)
     from student_train.align import batch_alignment
 
-    alignment, _ = batch_alignment(
-        obj, cache, tok, cfg.data.teacher_tokenizer
-    )  # e.g. eq (14)'s cached entropy
+    # what the objective reads besides the rows (e.g. eq (14)'s cached entropy)
+    alignment, _ = batch_alignment(obj, cache, tok, cfg.data.teacher_tokenizer)
     kw = collate_kwargs(cfg, tok, with_teacher=True, alignment=alignment)
     s_params = [p for p in student.parameters() if p.requires_grad]
     p_params = list(proj.parameters())

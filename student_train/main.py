@@ -91,9 +91,8 @@ def main(argv=None) -> int:
         "config_hash": config_hash({k: v for k, v in settings.items() if not resume_safe(k)}),
         "cache_fingerprint": cache.manifest.job_fingerprint if cache else None,
     }
-    trained_objective = objective_record(
-        objective
-    )  # the resolved objective: a default moved by an upgrade is seen
+    # the resolved objective, recorded and compared on resume: a default moved by an upgrade is seen
+    trained_objective = objective_record(objective)
     cursor = (
         load_checkpoint(engine, ckpt_dir, identity, settings, trained_objective)
         if cfg.output.resume

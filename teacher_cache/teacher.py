@@ -220,11 +220,11 @@ def _attention_blocks(model, depth: int) -> tuple[list[torch.nn.Module], int] | 
     ``_can_record_outputs["attentions"]``). ``None`` when the model declares none or the count differs."""
     from transformers.utils.output_capturing import OutputRecorder
 
-    spec = None
-    for owner in (model.base_model, model):
-        spec = (getattr(type(owner), "_can_record_outputs", None) or {}).get("attentions") or spec
-        if spec is not None:
-            break
+    specs = [
+        (getattr(type(o), "_can_record_outputs", None) or {}).get("attentions")
+        for o in (model.base_model, model)
+    ]
+    spec = next((s for s in specs if s is not None), None)
     if isinstance(spec, list):
         spec = spec[0] if len(spec) == 1 else None
     if spec is None:

@@ -578,17 +578,13 @@ def test_kill_and_resume_completes_without_duplicates(tmp_path, mistral_tokenize
 def test_ray_job_submit_against_a_local_head(tmp_path, synthetic_jsonl, tiny_llama_dir):
     """`ray start --head` + `ray job submit` of the cache job; the cache opens and matches; the head is stopped."""
     import secrets
-    import socket
 
     import ray
 
+    from student_train.trainer import free_port
+
     # The module's in-process cluster would compete for the 2 CPUs and be killed by `ray stop`.
     ray.shutdown()
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
 
     ray_bin = str(Path(sys.executable).parent / "ray")
     gcs, dash = free_port(), free_port()

@@ -607,7 +607,9 @@ def test_resume_accepts_a_longer_run_and_names_what_else_changed(tmp_path, cache
         sums[state.name] = hashlib.sha256(state.read_bytes()).hexdigest()
         part.write_text(json.dumps(sums))
     res = launch(_args(student_dir, cache_dir, out, *base, "train.max_steps=4"), 1, check=False)
-    assert res.returncode != 0 and "objective.teacher_entropy: \"<unknown: eq 14's teacher entropy" in res.stderr
+    assert (
+        res.returncode != 0 and "objective.teacher_entropy: \"<unknown: eq 14's teacher entropy" in res.stderr
+    )
     assert "set objective.teacher_entropy= to what the checkpoint trained with" in res.stderr
     told = "objective.teacher_entropy=cache"
     res = launch(_args(student_dir, cache_dir, out, *base, "train.max_steps=4", told), 1)

@@ -388,9 +388,8 @@ def sampled_teacher_kl(
     v = teacher_head.shape[0]
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     sample = torch.randperm(v, generator=gen)[: min(samples, v)].to(teacher_head.device)
-    where = torch.full(
-        (v,), -1, dtype=torch.long, device=teacher_head.device
-    )  # id -> its place in the sample
+    # id -> its place in the sample (-1: not drawn)
+    where = torch.full((v,), -1, dtype=torch.long, device=teacher_head.device)
     where[sample] = torch.arange(sample.numel(), device=teacher_head.device)
     head = teacher_head.detach()
     w_s = head[sample].to(dtype)  # [S, d]
